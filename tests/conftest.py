@@ -1,0 +1,41 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from rose_pl.testing import byte_tokenizer
+
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def tiny_model():
+    from rose_pl.testing import tiny_llama
+
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny model + tokenizer saved as a local Hugging Face folder."""
+    from rose_pl.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def rose_validation_dir():
+    """The ROSE paper's few-shot validation data, present on developer machines and CI, not shipped."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parents[1]
+    for candidate in (here.parent / "shared" / "data" / "rose_validation", here / ".." / "shared" / "data" / "rose_validation"):
+        if candidate.is_dir():
+            return candidate
+    pytest.skip("shared/data/rose_validation not present on this machine")
