@@ -1,0 +1,259 @@
+"""Warmup checkpoints the gradient stage can use: adapter, name-keyed AdamW state, epoch mean learning rate.
+
+Layout of a checkpoint folder (one per warmup run)::
+
+    manifest.json            the source of truth: base model, LoRA config, one entry per epoch
+    epoch-1/adapter/         the LoRA adapter in peft's own format (PeftModel.from_pretrained reads it)
+    epoch-1/optimizer.pt     {"state": {param_name: {"exp_avg", "exp_avg_sq", "step"}}, "hyper": {...}}
+    epoch-1/info.json        epoch, mean learning rate of the epoch, optimizer steps
+
+Parameter names are those of the peft model's `named_parameters()`; LESS assumed name-keyed Adam state
+and read torch's integer-keyed state wrongly, so it is converted here, once, by parameter identity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from rose_pl.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+ADAPTER_DIR = "adapter"
+OPTIMIZER_FILE = "optimizer.pt"
+INFO_FILE = "info.json"
+FORMAT_VERSION = 1
+
+
+def epoch_dirname(epoch: int) -> str:
+    """The one place that derives a checkpoint folder name (epochs count from 1)."""
+    return f"epoch-{epoch}"
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def named_adam_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """Convert torch's integer/parameter-keyed optimizer state to {parameter name: state} on the CPU."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in names:
+                raise CheckpointError("optimizer holds a parameter that is not part of the model")
+            state = optimizer.state.get(p)
+            if not state:
+                continue  # never stepped (e.g. checkpoint before the first step)
+            out[names[id(p)]] = {
+                k: (v.detach().to("cpu", copy=True) if torch.is_tensor(v) else torch.tensor(v))
+                for k, v in state.items()
+                if k in ("exp_avg", "exp_avg_sq", "step")
+            }
+    return out
+
+
+def adam_hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    group = optimizer.param_groups[0]
+    return {
+        "type": type(optimizer).__name__,
+        "betas": list(group["betas"]),
+        "eps": float(group["eps"]),
+        "weight_decay": float(group.get("weight_decay", 0.0)),
+    }
+
+
+@dataclass
+class CheckpointInfo:
+    """One warmup checkpoint as listed in the manifest."""
+
+    epoch: int
+    path: Path
+    lr: float
+    """Mean learning rate over the epoch's optimizer steps (the weight eta_i of ROSE Eq. 7)."""
+    steps: int
+    global_step: int
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER_DIR
+
+    def load_optimizer_state(self, map_location="cpu") -> dict[str, Any]:
+        file = self.path / OPTIMIZER_FILE
+        if not file.is_file():
+            raise CheckpointError(f"{file}: optimizer state missing")
+        return torch.load(file, map_location=map_location, weights_only=True)
+
+
+@dataclass
+class Manifest:
+    """The list of warmup checkpoints of one run."""
+
+    root: Path
+    base_model: str
+    lora: dict
+    checkpoints: list[CheckpointInfo]
+
+    @classmethod
+    def load(cls, root: str | Path) -> "Manifest":
+        root = Path(root)
+        file = root / MANIFEST
+        if not file.is_file():
+            raise CheckpointError(f"{file}: no checkpoint manifest (is {root} a warmup output folder?)")
+        try:
+            raw = json.loads(file.read_text())
+            ckpts = [
+                CheckpointInfo(int(c["epoch"]), root / c["dir"], float(c["lr"]), int(c["steps"]), int(c["global_step"]))
+                for c in raw["checkpoints"]
+            ]
+            return cls(root, raw["base_model"], raw["lora"], sorted(ckpts, key=lambda c: c.epoch))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{file}: malformed manifest ({e!r})") from e
+
+    def get(self, epoch: int) -> CheckpointInfo:
+        for c in self.checkpoints:
+            if c.epoch == epoch:
+                return c
+        raise CheckpointError(f"{self.root / MANIFEST}: no checkpoint for epoch {epoch}; have {[c.epoch for c in self.checkpoints]}")
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Manifest, CheckpointInfo]:
+    """Accept either an epoch folder (`.../epoch-2`) or `root:epoch`, return its manifest and entry."""
+    text = str(path)
+    if ":" in text and not Path(text).exists() and text.rsplit(":", 1)[1].isdigit():
+        root, epoch = text.rsplit(":", 1)
+        manifest = Manifest.load(root)
+        return manifest, manifest.get(int(epoch))
+    p = Path(text)
+    manifest = Manifest.load(p.parent)
+    for c in manifest.checkpoints:
+        if c.path.resolve() == p.resolve():
+            return manifest, c
+    raise CheckpointError(f"{p}: not listed in {p.parent / MANIFEST}")
+
+
+class WarmupCheckpoint(pl.Callback):
+    """Save, at the end of every training epoch, the adapter, the name-keyed AdamW state and the epoch's
+    mean learning rate, then update the manifest. Writes are atomic, so a killed run leaves either the
+    previous or the new checkpoint, never half of one."""
+
+    def __init__(self, dirpath: str, every_n_epochs: int = 1, save_optimizer: bool = True):
+        """
+        Args:
+            dirpath: Output folder of the warmup checkpoints (created if missing).
+            every_n_epochs: Save every n-th epoch (the last epoch is always saved).
+            save_optimizer: Save the name-keyed AdamW state (the gradient stage needs it; a final
+                fine-tune does not).
+        """
+        self.dirpath = Path(dirpath)
+        self.save_optimizer = save_optimizer
+        self.every_n_epochs = every_n_epochs
+        self._epoch_lrs: list[float] = []
+
+    # The learning rate an optimizer step uses is read just before the step.
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._epoch_lrs.append(float(optimizer.param_groups[0]["lr"]))
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # Keep the learning rates restored from a mid-epoch checkpoint of this same epoch only.
+        if self._lrs_epoch != trainer.current_epoch:
+            self._epoch_lrs = []
+        self._lrs_epoch = trainer.current_epoch
+
+    _lrs_epoch = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_lrs": list(self._epoch_lrs), "epoch": self._lrs_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._epoch_lrs = list(state_dict.get("epoch_lrs", []))
+        self._lrs_epoch = int(state_dict.get("epoch", -1))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        lrs, self._epoch_lrs = self._epoch_lrs, []
+        if epoch % self.every_n_epochs and not last:
+            return
+        if not lrs:
+            log.warning("epoch %d took no optimizer step: not saving a checkpoint", epoch)
+            return
+        adapter_state, optim_state = _gather_states(trainer, pl_module)
+        hyper = adam_hyperparameters(trainer.optimizers[0])
+        if trainer.is_global_zero:
+            self._write(pl_module, epoch, sum(lrs) / len(lrs), len(lrs), trainer.global_step, adapter_state, optim_state, hyper)
+        trainer.strategy.barrier("rose_pl.warmup_checkpoint")
+
+    def _write(self, pl_module, epoch, mean_lr, steps, global_step, adapter_state, optim_state, hyper) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        final = self.dirpath / epoch_dirname(epoch)
+        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=".tmp", dir=self.dirpath))
+        try:
+            pl_module.model.save_pretrained(tmp / ADAPTER_DIR, state_dict=adapter_state)
+            if self.save_optimizer:
+                torch.save({"format": FORMAT_VERSION, "state": optim_state, "hyper": hyper}, tmp / OPTIMIZER_FILE)
+            info = {"epoch": epoch, "lr": mean_lr, "steps": steps, "global_step": global_step}
+            atomic_write_json(tmp / INFO_FILE, info)
+            if final.exists():  # a resumed run redoing this epoch
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._update_manifest(pl_module, info | {"dir": final.name})
+        log.info("saved warmup checkpoint %s (mean lr %.3g over %d steps)", final, mean_lr, steps)
+
+    def _update_manifest(self, pl_module, entry: dict) -> None:
+        file = self.dirpath / MANIFEST
+        raw = json.loads(file.read_text()) if file.is_file() else {}
+        entries = [c for c in raw.get("checkpoints", []) if c["epoch"] != entry["epoch"]]
+        raw = {
+            "format": FORMAT_VERSION,
+            "base_model": pl_module.hparams.get("model", ""),
+            "lora": dict(pl_module.lora_config_dict()),
+            "checkpoints": sorted(entries + [entry], key=lambda c: c["epoch"]),
+        }
+        atomic_write_json(file, raw)
+
+
+def _gather_states(trainer, pl_module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Full (unsharded) adapter weights and name-keyed Adam state, on the CPU."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    model = pl_module.model
+    optimizer = trainer.optimizers[0]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if isinstance(trainer.strategy, FSDPStrategy):
+        # FSDP shards parameters and optimizer state: gather full, FQN-keyed copies (collective call).
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd, osd = get_state_dict(model, optimizer, options=opts)
+        adapter = {n: t for n, t in msd.items() if n in trainable}
+        optim = {n: {k: v for k, v in s.items() if k in ("exp_avg", "exp_avg_sq", "step")} for n, s in osd["state"].items()}
+        return adapter, optim
+    adapter = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    return adapter, named_adam_state(model, optimizer)
