@@ -1,0 +1,349 @@
+"""Readers for the instruction pool and the preference validation sets, with validation.
+
+Every problem raises `DataFormatError` naming the file and the line (JSONL, 1-based) or the entry (JSON);
+nothing is skipped silently. Rows that are well formed but unusable (an identical chosen/rejected pair)
+can be dropped on request; each drop is logged and recorded as a `Dropped`.
+
+Instruction rows, one object per JSONL line or as a JSON list:
+  {"dataset", "id", "messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}  (LESS/ROSE pool)
+  {"prompt", "completion"} with optional "dataset" and "id"
+Defaults: dataset = file stem, id = f"{dataset}_{row}" with row the 0-based row number in the file.
+
+Preference sets:
+  JSON object (ROSE): {prompt: {"responses", "pairs", "sft_target", "rejected_target"}}. Chosen/rejected are
+    sft_target/rejected_target, or with `all_pairs` every [winner, loser] index pair. The file names no
+    tasks: with `shots_per_task=k` row i (file order) belongs to task f"{stem}/{i // k}"; with None the
+    whole file is the task `stem`. Ids are f"{stem}_{i}" (f"{stem}_{i}_{j}" for pair j with `all_pairs`).
+  JSONL (or a JSON list) of {"prompt", "chosen", "rejected", "task"} (+ optional "id"): the task is explicit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from rose_pl.errors import ConfigError, DataFormatError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class InstructionExample:
+    """One instruction-tuning row; `raw` is the row as read, written back unchanged by selection."""
+
+    dataset: str
+    id: str
+    messages: list[dict[str, str]]
+    raw: dict
+    where: int | str | None = field(default=None, compare=False)
+    """Line (JSONL) or entry (JSON) of the row, for error messages."""
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One preference pair with the explicit task it belongs to."""
+
+    id: str
+    task: str
+    prompt: str
+    chosen: str
+    rejected: str
+    where: int | str | None = field(default=None, compare=False)
+    """Line (JSONL) or entry (JSON) of the row, for error messages."""
+
+    def as_instruction(self) -> InstructionExample:
+        """The SFT view (user prompt, assistant chosen): the LESS baseline's validation side."""
+        messages = [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.chosen}]
+        raw = {"dataset": self.task, "id": self.id, "messages": messages}
+        return InstructionExample(self.task, self.id, [dict(m) for m in messages], raw, self.where)
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A row left out on request (never silently): where it was and why."""
+
+    path: str
+    where: int | str | None
+    id: str
+    reason: str
+
+
+# ---------------------------------------------------------------- low-level reading
+
+
+def _rows(path: Path) -> Iterator[tuple[int | str, Any]]:
+    """Yield (where, value) for each row: JSONL lines (1-based, blank lines skipped) or JSON list entries."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataFormatError(path, lineno, f"not valid UTF-8 ({e.reason})") from None
+                if not text.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataFormatError(path, lineno, f"malformed JSON: {e.msg} at column {e.colno}") from None
+    elif suffix == ".json":
+        data = _load_json(path)
+        if not isinstance(data, list):
+            raise DataFormatError(path, None, f"expected a JSON list of rows, got {type(data).__name__}")
+        for i, value in enumerate(data):
+            yield f"entry {i}", value
+    else:
+        raise DataFormatError(path, None, f"unknown extension {suffix!r}: expected .jsonl or .json")
+
+
+def _load_json(path: Path) -> Any:
+    def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+        # json.loads keeps the last of repeated keys; a repeated prompt would lose a row without a word.
+        out: dict = {}
+        for key, value in pairs:
+            if key in out:
+                raise DataFormatError(path, f"key {_short(key)}", "duplicate key (JSON keeps only the last one)")
+            out[key] = value
+        return out
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, None, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(path, e.lineno, f"malformed JSON: {e.msg} at column {e.colno}") from None
+
+
+def _short(text: str, width: int = 60) -> str:
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
+def _field(path: Path, where, row: dict, key: str, kind: type, required: bool = True):
+    if key not in row:
+        if required:
+            raise DataFormatError(path, where, f"missing field {key!r}")
+        return None
+    value = row[key]
+    # bool is an int subclass; an index given as true/false is a mistake.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DataFormatError(path, where, f"field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _nonblank(path: Path, where, value: str, what: str) -> str:
+    if not value.strip():
+        raise DataFormatError(path, where, f"{what} is empty")
+    return value
+
+
+def _check_unique(path: Path, ids: dict[str, int | str | None], id_: str, where) -> None:
+    if id_ in ids:
+        raise DataFormatError(path, where, f"duplicate id {id_!r} (first at {_loc(ids[id_])})")
+    ids[id_] = where
+
+
+def _loc(where) -> str:
+    return f"line {where}" if isinstance(where, int) else str(where)
+
+
+# ---------------------------------------------------------------- instructions
+
+
+def _messages(path: Path, where, value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise DataFormatError(path, where, "field 'messages' must be a non-empty list")
+    out = []
+    for j, message in enumerate(value):
+        at = f"{_loc(where)}, message {j}"
+        if not isinstance(message, dict):
+            raise DataFormatError(path, at, f"message must be an object, got {type(message).__name__}")
+        role = _field(path, at, message, "role", str)
+        content = _field(path, at, message, "content", str)
+        if role not in ROLES:
+            raise DataFormatError(path, at, f"unknown role {role!r}; expected one of {list(ROLES)}")
+        if role == "assistant":
+            _nonblank(path, at, content, "assistant content")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataFormatError(path, where, "no assistant message: nothing to train on")
+    return out
+
+
+def read_instructions(
+    path: str | Path, duplicate_ids: Literal["error", "rename"] = "error"
+) -> list[InstructionExample]:
+    """Read an instruction file (.jsonl or .json list), validating every row.
+
+    `duplicate_ids="rename"` keeps rows that repeat an id, renaming the 2nd, 3rd... to f"{id}#2", ... (logged;
+    `raw` unchanged). Some published LESS/ROSE files reuse ids for different rows.
+    """
+    path = Path(path)
+    if duplicate_ids not in ("error", "rename"):
+        raise ConfigError(f"duplicate_ids: {duplicate_ids!r} is not 'error' or 'rename'")
+    stem = path.stem
+    examples: list[InstructionExample] = []
+    ids: dict[str, int | str | None] = {}
+    renamed: list[str] = []
+    for row_number, (where, row) in enumerate(_rows(path)):
+        if not isinstance(row, dict):
+            raise DataFormatError(path, where, f"row must be a JSON object, got {type(row).__name__}")
+        dataset = _field(path, where, row, "dataset", str, required=False) or stem
+        id_ = _field(path, where, row, "id", str, required=False)
+        id_ = id_ if id_ is not None else f"{dataset}_{row_number}"
+        if "messages" in row:
+            if "prompt" in row or "completion" in row:
+                raise DataFormatError(path, where, "row has both 'messages' and 'prompt'/'completion'")
+            messages = _messages(path, where, row["messages"])
+        elif "prompt" in row or "completion" in row:
+            prompt = _field(path, where, row, "prompt", str)
+            completion = _nonblank(path, where, _field(path, where, row, "completion", str), "completion")
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        else:
+            raise DataFormatError(path, where, "row has neither 'messages' nor 'prompt'/'completion'")
+        if id_ in ids and duplicate_ids == "rename":
+            k = 2
+            while f"{id_}#{k}" in ids:
+                k += 1
+            renamed.append(f"{id_} at {_loc(where)} -> {id_}#{k}")
+            id_ = f"{id_}#{k}"
+        _check_unique(path, ids, id_, where)
+        examples.append(InstructionExample(dataset, id_, messages, row, where))
+    if not examples:
+        raise DataFormatError(path, None, "no rows")
+    if renamed:
+        log.warning("%s: %d duplicate ids renamed: %s", path, len(renamed), "; ".join(renamed))
+    return examples
+
+
+# ---------------------------------------------------------------- preferences
+
+
+def _pair_problem(chosen: str, rejected: str) -> str | None:
+    if not chosen.strip():
+        return "chosen response is empty"
+    if not rejected.strip():
+        return "rejected response is empty"
+    if chosen == rejected:
+        return "chosen and rejected responses are identical"
+    return None
+
+
+def _rose_entries(path: Path, data: dict, shots_per_task: int | None, all_pairs: bool):
+    """Yield (where, id, task, prompt, chosen, rejected) from the ROSE prompt -> entry object."""
+    stem = path.stem
+    if shots_per_task is not None and len(data) % shots_per_task:
+        raise DataFormatError(
+            path, None, f"{len(data)} rows is not a multiple of shots_per_task={shots_per_task}: tasks would be ragged"
+        )
+    for i, (prompt, entry) in enumerate(data.items()):
+        where = f"entry {i} (key {_short(prompt)})"
+        _nonblank(path, where, prompt, "prompt")
+        if not isinstance(entry, dict):
+            raise DataFormatError(path, where, f"value must be an object, got {type(entry).__name__}")
+        task = stem if shots_per_task is None else f"{stem}/{i // shots_per_task}"
+        chosen = _field(path, where, entry, "sft_target", str)
+        rejected = _field(path, where, entry, "rejected_target", str)
+        responses = _field(path, where, entry, "responses", list, required=all_pairs)
+        pairs = _field(path, where, entry, "pairs", list, required=all_pairs)
+        if responses is not None:
+            for j, r in enumerate(responses):
+                if not isinstance(r, str):
+                    raise DataFormatError(path, f"{where}, responses[{j}]", f"must be str, got {type(r).__name__}")
+        if pairs is not None:
+            if responses is None:
+                raise DataFormatError(path, where, "'pairs' given without 'responses'")
+            for j, pair in enumerate(pairs):
+                ok = isinstance(pair, list) and len(pair) == 2
+                ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+                if not ok or not all(0 <= x < len(responses) for x in pair) or pair[0] == pair[1]:
+                    raise DataFormatError(
+                        path, f"{where}, pairs[{j}]",
+                        f"{pair!r} is not a [winner, loser] pair of distinct indices into {len(responses)} responses",
+                    )
+        if all_pairs:
+            if not pairs:
+                raise DataFormatError(path, where, "'pairs' is empty")
+            for j, (w, l) in enumerate(pairs):
+                yield f"{where}, pairs[{j}]", f"{stem}_{i}_{j}", task, prompt, responses[w], responses[l]
+        else:
+            yield where, f"{stem}_{i}", task, prompt, chosen, rejected
+
+
+def _row_entries(path: Path, default_task: str | None):
+    """Yield (where, id, task, prompt, chosen, rejected) from {"prompt","chosen","rejected","task"} rows."""
+    for row_number, (where, row) in enumerate(_rows(path)):
+        if not isinstance(row, dict):
+            raise DataFormatError(path, where, f"row must be a JSON object, got {type(row).__name__}")
+        prompt = _nonblank(path, where, _field(path, where, row, "prompt", str), "prompt")
+        chosen = _field(path, where, row, "chosen", str)
+        rejected = _field(path, where, row, "rejected", str)
+        task = _field(path, where, row, "task", str, required=default_task is None) or default_task
+        _nonblank(path, where, task, "task")
+        id_ = _field(path, where, row, "id", str, required=False)
+        yield where, id_ if id_ is not None else f"{path.stem}_{row_number}", task, prompt, chosen, rejected
+
+
+def read_preferences(
+    path: str | Path,
+    shots_per_task: int | None = None,
+    all_pairs: bool = False,
+    default_task: str | None = None,
+    on_invalid_pair: Literal["error", "drop"] = "error",
+    dropped: list[Dropped] | None = None,
+) -> list[PreferenceExample]:
+    """Read a preference set: the ROSE JSON object or JSONL rows with an explicit task (see module docstring).
+
+    `shots_per_task` and `all_pairs` apply to the ROSE JSON form, `default_task` to rows without "task".
+    A pair with an empty side or chosen == rejected is an error, or with `on_invalid_pair="drop"` left out,
+    logged and appended to `dropped` (if given). Task membership is assigned before any drop.
+    """
+    path = Path(path)
+    problems = []
+    if shots_per_task is not None and (isinstance(shots_per_task, bool) or not isinstance(shots_per_task, int)
+                                       or shots_per_task < 1):
+        problems.append(f"shots_per_task: {shots_per_task!r} is not a positive integer")
+    if on_invalid_pair not in ("error", "drop"):
+        problems.append(f"on_invalid_pair: {on_invalid_pair!r} is not 'error' or 'drop'")
+    data = _load_json(path) if path.suffix.lower() == ".json" else None
+    if isinstance(data, dict):
+        if default_task is not None:
+            problems.append("default_task: the ROSE JSON form names tasks by shots_per_task, not default_task")
+        entries = None if problems else _rose_entries(path, data, shots_per_task, all_pairs)
+    else:
+        for name, value in (("shots_per_task", shots_per_task), ("all_pairs", all_pairs or None)):
+            if value is not None:
+                problems.append(f"{name}: applies to the ROSE JSON object form only; {path} holds rows")
+        entries = None if problems else _row_entries(path, default_task)
+    if problems:
+        raise ConfigError(problems)
+
+    examples: list[PreferenceExample] = []
+    ids: dict[str, int | str | None] = {}
+    drops: list[Dropped] = []
+    for where, id_, task, prompt, chosen, rejected in entries:
+        _check_unique(path, ids, id_, where)
+        problem = _pair_problem(chosen, rejected)
+        if problem is not None:
+            if on_invalid_pair == "error":
+                raise DataFormatError(path, where, problem + " (on_invalid_pair='drop' leaves such pairs out)")
+            drops.append(Dropped(str(path), where, id_, problem))
+            continue
+        examples.append(PreferenceExample(id_, task, prompt, chosen, rejected, where))
+    if drops:
+        log.warning(
+            "%s: dropped %d invalid preference pairs: %s",
+            path, len(drops), "; ".join(f"{d.id} ({_loc(d.where)}): {d.reason}" for d in drops),
+        )
+        if dropped is not None:
+            dropped.extend(drops)
+    if not examples:
+        raise DataFormatError(path, None, "no usable preference pairs")
+    return examples

@@ -1,0 +1,124 @@
+"""Samplers: a seeded, DDP-aware length-grouped order for training and a length-sorted order for predict."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DistributedSampler, Sampler
+
+from rose_pl.errors import ConfigError
+
+
+def padding_fraction(lengths: Sequence[int], batches: Iterable[Sequence[int]]) -> float:
+    """Share of the padded token slots in `batches` (lists of indices into `lengths`) that are padding."""
+    real = slots = 0
+    for batch in batches:
+        if len(batch):
+            batch_lengths = [lengths[i] for i in batch]
+            real += sum(batch_lengths)
+            slots += max(batch_lengths) * len(batch)
+    return 1.0 - real / slots if slots else 0.0
+
+
+class LengthGroupedSampler(DistributedSampler):
+    """Batches of similar length, one global order shared by all replicas.
+
+    The order: a permutation seeded by `seed + epoch`, cut into megabatches of
+    `batch_size * num_replicas * megabatch_factor` rows, each sorted by length (longest first); the full global
+    batches (`batch_size * num_replicas` rows) are then shuffled with the same generator, the batch holding the
+    longest row moved first (an out-of-memory shows in the first step), and a partial last batch kept last.
+    Rank r takes positions r, r + W, r + 2W, ... (W = num_replicas), so the union of the ranks' j-th batches
+    is the j-th batch of one process run with batch size `batch_size * W` and the same seed.
+
+    Subclassing DistributedSampler keeps Lightning from replacing this sampler under DDP.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        megabatch_factor: int = 32,
+        drop_last: bool = False,
+    ):
+        problems = []
+        for name, value in (("batch_size", batch_size), ("num_replicas", num_replicas),
+                            ("megabatch_factor", megabatch_factor)):
+            if not isinstance(value, int) or value < 1:
+                problems.append(f"{name}: {value!r} is not a positive integer")
+        if isinstance(num_replicas, int) and not (isinstance(rank, int) and 0 <= rank < max(num_replicas, 1)):
+            problems.append(f"rank: {rank!r} is not in [0, {num_replicas})")
+        if problems:
+            raise ConfigError(problems)
+        super().__init__(lengths, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        self.batch_size = batch_size
+        self.megabatch_factor = megabatch_factor
+        n, world = len(self.lengths), num_replicas
+        if drop_last:
+            # Only full global batches: every rank steps the same number of times and batches stay aligned.
+            self.total_size = (n // (batch_size * world)) * batch_size * world
+        else:
+            self.total_size = -(-n // world) * world
+        self.num_samples = self.total_size // world
+
+    def global_order(self) -> list[int]:
+        """The order of all replicas together for the current epoch, padded to `total_size`."""
+        n = len(self.lengths)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        megabatch = self.batch_size * self.num_replicas * self.megabatch_factor
+        chunks = []
+        for start in range(0, n, megabatch):
+            chunk = perm[start : start + megabatch]
+            chunks.append(chunk[torch.sort(self.lengths[chunk], descending=True, stable=True).indices])
+        order = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
+
+        global_batch = self.batch_size * self.num_replicas
+        num_full = n // global_batch
+        full = order[: num_full * global_batch].view(num_full, global_batch)
+        tail = order[num_full * global_batch :]
+        if self.shuffle and num_full > 1:
+            full = full[torch.randperm(num_full, generator=generator)]
+            # Rows are sorted within a batch, so column 0 holds each batch's longest row.
+            longest = int(torch.argmax(self.lengths[full[:, 0]]))
+            full[[0, longest]] = full[[longest, 0]]
+        order = full.reshape(-1).tolist()
+        if not self.drop_last:
+            order += tail.tolist()
+            while len(order) < self.total_size:  # repeat the start, as DistributedSampler does
+                order += order[: self.total_size - len(order)]
+        return order[: self.total_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.global_order()[self.rank : self.total_size : self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class LengthSortedSampler(Sampler[int]):
+    """Indices by length, longest first, ties by index: a deterministic order for predict.
+
+    `indices` restricts the order to those dataset positions (a resumed run skips finished rows).
+    Lightning wraps this sampler for distributed predict.
+    """
+
+    def __init__(self, lengths: Sequence[int], indices: Iterable[int] | None = None):
+        lengths = list(lengths)
+        positions = range(len(lengths)) if indices is None else sorted(set(indices))
+        bad = [i for i in positions if not 0 <= i < len(lengths)]
+        if bad:
+            raise ConfigError(f"indices out of range [0, {len(lengths)}): {bad[:10]}")
+        self.order = sorted(positions, key=lambda i: (-lengths[i], i))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
