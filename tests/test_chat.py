@@ -99,7 +99,7 @@ def test_encode_preference_masks_each_response(tokenizer):
     assert loss_text(tokenizer, {"input_ids": encoded["rejected_input_ids"], "labels": encoded["rejected_labels"]}) \
         == "No idea</s>"
     # Same prompt tokens in front of both responses.
-    prompt_len = len(tokenizer("<|user|>\n" + example.prompt + "\n<|assistant|>\n")["input_ids"])
+    prompt_len = len(tokenizer("<|user|>\n" + example.prompt.strip() + "\n<|assistant|>\n")["input_ids"])
     assert encoded["chosen_input_ids"][:prompt_len] == encoded["rejected_input_ids"][:prompt_len]
 
 
