@@ -1,0 +1,155 @@
+"""Top-p / top-k selection with seeded, deterministic tie-breaking, and the selected pool written back as JSONL.
+
+The budget is global: one ranking across every training source. A fraction p selects ceil(p * N) rows (at
+least 1), so a small pool never rounds to an empty selection and the budget is never below p. Equal scores
+are ordered by a random key drawn from `seed`, so ties do not favor file order yet the same seed always
+gives the same selection.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from rose_pl.errors import ConfigError
+
+DEFAULT_FRACTION = 0.05
+"""Fraction of the pool selected when neither fraction nor k is given (ROSE and LESS use 5%)."""
+SELECTION_META_FILE = "selection.json"
+"""Sidecar written next to the selected JSONL: indices, ids, scores, ranks and the selection settings."""
+
+
+def selection_meta_path(jsonl_path: str | os.PathLike) -> Path:
+    """Where `write_selection` puts the sidecar of `jsonl_path`."""
+    return Path(jsonl_path).parent / SELECTION_META_FILE
+
+
+def budget(num_rows: int, *, fraction: float | None = DEFAULT_FRACTION, k: int | None = None) -> int:
+    """Number of rows selected from `num_rows`: k, or ceil(fraction * num_rows) clipped to [1, num_rows].
+
+    k, when given, replaces the default fraction; giving k together with a non-default fraction is an error.
+    """
+    problems = []
+    if k is not None and fraction is not None and fraction != DEFAULT_FRACTION:
+        problems.append(f"give fraction or k, not both (fraction={fraction}, k={k})")
+    if k is None and fraction is None:
+        problems.append("give fraction or k")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_rows):
+        problems.append(f"k must be an integer in [1, {num_rows}], got {k!r}")
+    if k is None and fraction is not None and not (0.0 < float(fraction) <= 1.0):
+        problems.append(f"fraction must be in (0, 1], got {fraction!r}")
+    if num_rows <= 0:
+        problems.append("the pool is empty")
+    if problems:
+        raise ConfigError(problems)
+    if k is not None:
+        return int(k)
+    # Round p*N before ceil so that e.g. 0.07 * 100 = 7.000000000000001 does not become 8.
+    return int(min(num_rows, max(1, math.ceil(round(float(fraction) * num_rows, 9)))))
+
+
+def rank(scores: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """All row indices, best first; equal scores in the order of a random key drawn from `seed`."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1:
+        raise ConfigError(f"scores must be 1-D, got shape {s.shape}")
+    nan = int(np.count_nonzero(np.isnan(s)))
+    if nan:
+        raise ConfigError(f"{nan} of {s.size} scores are NaN; fix the features or scores before selecting")
+    tiebreak = np.random.default_rng(seed).permutation(s.size)
+    # lexsort sorts by the last key first: descending score, then the seeded key.
+    return np.lexsort((tiebreak, -s)).astype(np.int64)
+
+
+def select(scores: np.ndarray, *, fraction: float | None = DEFAULT_FRACTION, k: int | None = None,
+           seed: int = 0) -> np.ndarray:
+    """Indices of the selected rows in rank order (best first): top-k if k is given, else top ceil(p*N)."""
+    s = np.asarray(scores)
+    if s.ndim != 1:
+        raise ConfigError(f"scores must be 1-D, got shape {s.shape}")
+    return rank(s, seed=seed)[: budget(s.shape[0], fraction=fraction, k=k)]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_selection(
+    pool_rows: Sequence[dict[str, Any]],
+    selected: Sequence[int] | np.ndarray,
+    path: str | os.PathLike,
+    *,
+    scores: np.ndarray | None = None,
+    ids: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    fraction: float | None = None,
+    k: int | None = None,
+    seed: int | None = None,
+    source: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+) -> Path:
+    """Write the selected pool rows, unchanged and in rank order, as JSONL at `path`, plus the sidecar.
+
+    pool_rows: the original JSON rows of the whole pool (row i = dataset index i). ids default to each
+    row's "id" key. The sidecar (`selection_meta_path(path)`) records index, id, score and rank of each
+    selected row and the settings (fraction / k, seed, source files). Both files are written atomically.
+    """
+    idx = np.asarray(selected, dtype=np.int64).reshape(-1)
+    n = len(pool_rows)
+    problems = []
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        problems.append(f"selected indices must lie in [0, {n}), got range [{idx.min()}, {idx.max()}]")
+    if np.unique(idx).size != idx.size:
+        problems.append(f"{idx.size - np.unique(idx).size} selected indices are repeated")
+    for name, values in (("scores", scores), ("ids", ids), ("datasets", datasets)):
+        if values is not None and len(values) != n:
+            problems.append(f"{len(values)} {name} for a pool of {n} rows")
+    if problems:
+        raise ConfigError(problems)
+
+    out = Path(path)
+    lines = [json.dumps(pool_rows[i], ensure_ascii=False) for i in idx.tolist()]
+    _atomic_write_text(out, "".join(line + "\n" for line in lines))
+
+    rows = []
+    for r, i in enumerate(idx.tolist()):
+        entry: dict[str, Any] = {"rank": r, "index": i,
+                                 "id": ids[i] if ids is not None else pool_rows[i].get("id")}
+        if datasets is not None:
+            entry["dataset"] = datasets[i]
+        if scores is not None:
+            entry["score"] = float(scores[i])
+        rows.append(entry)
+    if source is None or isinstance(source, (str, os.PathLike)):
+        sources = None if source is None else [str(source)]
+    else:
+        sources = [str(s) for s in source]
+    sidecar = {
+        "jsonl": out.name, "pool_size": n, "num_selected": int(idx.size), "fraction": fraction, "k": k,
+        "seed": seed, "source": sources,
+        "threshold": float(min(float(scores[i]) for i in idx)) if scores is not None and idx.size else None,
+        "selected": rows,
+    }
+    _atomic_write_text(selection_meta_path(out), json.dumps(sidecar, indent=1, ensure_ascii=False))
+    return out
+
+
+def read_selection(path: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar of the selected JSONL at `path`."""
+    return json.loads(selection_meta_path(path).read_text(encoding="utf-8"))

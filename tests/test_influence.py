@@ -1,0 +1,227 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rose_pl.errors import ConfigError, DataFormatError, StoreMismatchError
+from rose_pl.influence import (
+    SCORES_ARRAYS_FILE,
+    SCORES_META_FILE,
+    check_store_metas,
+    influence_scores,
+    load_scores,
+    save_scores,
+    score_stores,
+)
+
+RTOL, ATOL = 1e-4, 1e-4  # float32 streaming vs float64 reference, d <= 64
+
+
+def dense_reference(train, val, task_ids, weights):
+    """Eq. 7 written out directly in float64: loop over tasks and checkpoints, no streaming."""
+    eta = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    tasks = sorted(set(task_ids))
+    out = np.zeros((train[0].shape[0], len(tasks)))
+    for j, task in enumerate(tasks):
+        rows = [r for r, t in enumerate(task_ids) if t == task]
+        for i in range(len(train)):
+            mean = np.asarray(val[i], dtype=np.float64)[rows].mean(axis=0)
+            out[:, j] += eta[i] * np.asarray(train[i], dtype=np.float64) @ mean
+    return out, tasks
+
+
+def make_memmap(path, array, dtype=np.float16):
+    mm = np.memmap(path, dtype=dtype, mode="w+", shape=array.shape)
+    mm[:] = array
+    mm.flush()
+    return np.memmap(path, dtype=dtype, mode="r", shape=array.shape)
+
+
+@pytest.fixture
+def problem():
+    rng = np.random.default_rng(0)
+    n, m, d, c = 53, 11, 16, 3
+    # Tasks of unequal size (5, 4, 2) in shuffled row order.
+    task_ids = list(rng.permutation(["gsm"] * 5 + ["mmlu"] * 4 + ["bbh"] * 2))
+    train = [rng.standard_normal((n, d)).astype(np.float32) for _ in range(c)]
+    val = [rng.standard_normal((m, d)).astype(np.float32) for _ in range(c)]
+    weights = [2e-5, 1e-5, 5e-6]  # mean lr per epoch of a linear decay: unequal, not summing to 1
+    return train, val, task_ids, weights
+
+
+def test_scores_equal_dense_float64_reference_with_shuffled_unequal_tasks(problem):
+    train, val, task_ids, weights = problem
+    result = influence_scores(train, val, task_ids, weights, device="cpu")
+    ref, tasks = dense_reference(train, val, task_ids, weights)
+    assert result.tasks == tasks
+    np.testing.assert_allclose(result.per_task, ref, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(result.scores, ref.max(axis=1), rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(result.best_task, ref.argmax(axis=1))
+    np.testing.assert_allclose(result.weights, np.asarray(weights) / np.sum(weights))
+    assert result.scores.dtype == np.float32 and result.per_task.shape == (53, 3)
+
+
+def test_scores_do_not_depend_on_validation_row_order(problem):
+    train, val, task_ids, weights = problem
+    perm = np.random.default_rng(1).permutation(len(task_ids))
+    a = influence_scores(train, val, task_ids, weights, device="cpu")
+    b = influence_scores(train, [v[perm] for v in val], [task_ids[p] for p in perm], weights, device="cpu")
+    np.testing.assert_allclose(a.per_task, b.per_task, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_memmap_pool_larger_than_block_equals_reference(problem, tmp_path):
+    train, val, task_ids, weights = problem
+    train_mm = [make_memmap(tmp_path / f"train{i}.bin", t) for i, t in enumerate(train)]
+    val_mm = [make_memmap(tmp_path / f"val{i}.bin", v) for i, v in enumerate(val)]
+    result = influence_scores(train_mm, val_mm, task_ids, weights, block_size=7, device="cpu")
+    # Reference on the fp16-rounded values actually stored.
+    ref, _ = dense_reference([np.asarray(t) for t in train_mm], [np.asarray(v) for v in val_mm], task_ids, weights)
+    np.testing.assert_allclose(result.per_task, ref, rtol=RTOL, atol=ATOL)
+
+
+def test_block_size_does_not_change_scores(problem):
+    train, val, task_ids, weights = problem
+    a = influence_scores(train, val, task_ids, weights, block_size=1000, device="cpu")
+    b = influence_scores(train, val, task_ids, weights, block_size=4, device="cpu")
+    np.testing.assert_allclose(a.per_task, b.per_task, rtol=1e-6, atol=1e-6)
+
+
+def test_single_checkpoint_weight_one_is_plain_task_mean_inner_product(problem):
+    train, val, task_ids, _ = problem
+    result = influence_scores(train[:1], val[:1], task_ids, [1.0], device="cpu")
+    ref, _ = dense_reference(train[:1], val[:1], task_ids, [1.0])
+    np.testing.assert_allclose(result.per_task, ref, rtol=RTOL, atol=ATOL)
+    assert result.weights.tolist() == [1.0]
+
+
+def test_torch_tensor_inputs_match_numpy(problem):
+    train, val, task_ids, weights = problem
+    a = influence_scores(train, val, task_ids, weights, device="cpu")
+    b = influence_scores([torch.from_numpy(t) for t in train], [torch.from_numpy(v) for v in val], task_ids,
+                         weights, device="cpu")
+    np.testing.assert_allclose(a.per_task, b.per_task, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda t, v, ids, w: (t[:2], v, ids, w[:2]), ConfigError, "3 validation checkpoints"),
+        (lambda t, v, ids, w: (t, v, ids, w[:2]), ConfigError, "2 weights for 3 checkpoints"),
+        (lambda t, v, ids, w: (t, v, ids[:-1], w), ConfigError, "10 task ids for 11 validation rows"),
+        (lambda t, v, ids, w: (t, v, ids, [1.0, 0.0, 1.0]), ConfigError, "positive and finite"),
+        (lambda t, v, ids, w: (t, v, ids, [1.0, float("nan"), 1.0]), ConfigError, "positive and finite"),
+        (lambda t, v, ids, w: ([t[0], t[1][:, :8], t[2]], v, ids, w), StoreMismatchError, "dims differ"),
+        (lambda t, v, ids, w: ([t[0], t[1][:50], t[2]], v, ids, w), StoreMismatchError, "row counts"),
+        (lambda t, v, ids, w: (t, v, [""] + ids[1:], w), ConfigError, "non-empty strings"),
+    ],
+)
+def test_invalid_inputs_raise_named_errors(problem, mutate, error, match):
+    args = mutate(*problem)
+    with pytest.raises(error, match=match):
+        influence_scores(*args, device="cpu")
+
+
+def test_requested_cuda_without_cuda_is_an_error_not_a_fallback(problem):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        influence_scores(*problem, device="cuda")
+
+
+def test_auto_device_is_logged(problem, caplog):
+    with caplog.at_level("INFO", logger="rose_pl.influence"):
+        result = influence_scores(*problem, device=None)
+    assert "chosen automatically" in caplog.text
+    assert "renormalized" in caplog.text
+    assert result.info["device"] in ("cpu", "cuda", "cuda:0")
+
+
+def _meta(ckpt, kind="countsketch", seed=0, dim=16, rows=53):
+    return {"num_rows": rows, "dim": dim, "dtype": "float16", "checkpoint": ckpt,
+            "projector": {"kind": kind, "dim": dim, "seed": seed}}
+
+
+def test_store_metadata_checks_list_every_mismatch():
+    train = [_meta("epoch1"), _meta("epoch2", seed=1), _meta("epoch2")]
+    val = [_meta("epoch1", rows=11), _meta("epoch2", rows=11), _meta("epoch3", kind="gaussian", rows=11)]
+    with pytest.raises(StoreMismatchError) as info:
+        check_store_metas(train, val, ["t0", "t1", "t2"], ["v0", "v1", "v2"])
+    text = str(info.value)
+    assert "projector.seed 1 (t1) != 0 (v1)" in text
+    assert "projector.kind 'countsketch' (t2) != 'gaussian' (v2)" in text
+    assert "checkpoint 'epoch2' (t2) != 'epoch3' (v2)" in text
+    assert "same checkpoint" in text
+
+
+def test_compatible_store_metadata_passes():
+    check_store_metas([_meta("e1"), _meta("e2")], [_meta("e1", rows=9), _meta("e2", rows=9)],
+                      ["t0", "t1"], ["v0", "v1"])
+
+
+def test_score_stores_opens_folders_and_checks_them(problem, tmp_path, monkeypatch):
+    """score_stores against a stand-in FeatureStore (store.py is written separately)."""
+    import sys
+    import types
+
+    train, val, task_ids, weights = problem
+    folders = {}
+    for side, mats in (("train", train), ("val", val)):
+        for i, m in enumerate(mats):
+            path = tmp_path / f"{side}{i}"
+            folders[str(path)] = (make_memmap(tmp_path / f"{side}{i}.bin", m),
+                                  _meta(f"e{i}", rows=m.shape[0], seed=7 if (side, i) == ("val", 2) else 0))
+
+    class FakeStore:
+        def __init__(self, path):
+            self._features, self.meta = folders[str(path)]
+
+        @classmethod
+        def open(cls, path):
+            return cls(path)
+
+        def features(self):
+            return self._features
+
+    monkeypatch.setitem(sys.modules, "rose_pl.store", types.SimpleNamespace(FeatureStore=FakeStore))
+    train_dirs = [tmp_path / f"train{i}" for i in range(3)]
+    val_dirs = [tmp_path / f"val{i}" for i in range(3)]
+    with pytest.raises(StoreMismatchError, match="projector.seed"):
+        score_stores(train_dirs, val_dirs, task_ids, weights, device="cpu")
+    folders[str(tmp_path / "val2")][1]["projector"]["seed"] = 0
+    result = score_stores(train_dirs, val_dirs, task_ids, weights, block_size=10, device="cpu")
+    ref, _ = dense_reference([folders[str(p)][0] for p in train_dirs], [folders[str(p)][0] for p in val_dirs],
+                             task_ids, weights)
+    np.testing.assert_allclose(result.per_task, ref, rtol=RTOL, atol=ATOL)
+
+
+def test_saved_scores_round_trip_with_their_ids(problem, tmp_path):
+    train, val, task_ids, weights = problem
+    result = influence_scores(train, val, task_ids, weights, device="cpu")
+    ids = [f"row-{i}" for i in range(result.num_rows)]
+    datasets = ["dolly" if i % 3 else "oasst1" for i in range(result.num_rows)]
+    save_scores(tmp_path / "scores", result, ids, datasets, meta={"method": "rose", "seed": 3})
+    assert {p.name for p in (tmp_path / "scores").iterdir()} == {SCORES_ARRAYS_FILE, SCORES_META_FILE}
+    loaded = load_scores(tmp_path / "scores")
+    np.testing.assert_array_equal(loaded.result.scores, result.scores)
+    np.testing.assert_array_equal(loaded.result.per_task, result.per_task)
+    np.testing.assert_array_equal(loaded.result.best_task, result.best_task)
+    assert loaded.result.tasks == result.tasks
+    assert loaded.ids == ids and loaded.datasets == datasets
+    assert loaded.meta == {"method": "rose", "seed": 3}
+
+
+def test_save_scores_rejects_wrong_id_count_and_load_rejects_incomplete(problem, tmp_path):
+    result = influence_scores(*problem, device="cpu")
+    with pytest.raises(ConfigError, match="53 scores but 2 ids"):
+        save_scores(tmp_path / "s", result, ["a", "b"], ["x", "y"], {})
+    save_scores(tmp_path / "s", result, [str(i) for i in range(53)], ["d"] * 53, {})
+    (tmp_path / "s" / SCORES_META_FILE).unlink()
+    with pytest.raises(DataFormatError, match="not a complete score set"):
+        load_scores(tmp_path / "s")
+    save_scores(tmp_path / "s", result, [str(i) for i in range(53)], ["d"] * 53, {})
+    meta = json.loads((tmp_path / "s" / SCORES_META_FILE).read_text())
+    meta["format_version"] = 99
+    (tmp_path / "s" / SCORES_META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(DataFormatError, match="format_version"):
+        load_scores(tmp_path / "s")
