@@ -1,0 +1,187 @@
+"""Training and validation objectives as pure functions, plus the per-sample objective classes.
+
+An objective maps `(model, batch) -> PerSampleLoss`: one loss per sample, computed from one or more
+rows of a single forward pass. It is the one extension point of the gradient stage: everything
+downstream (per-sample gradients, projection, the store) ignores which objective produced the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+"""Label value of tokens that are not part of the loss (prompt and padding)."""
+
+_PAIR_KEYS = ("input_ids", "attention_mask", "labels")
+_PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the next-token labels: `logits[:, :-1]` predict `labels[:, 1:]`.
+
+    Returns `(logps, mask)`, both `(N, T-1)`; `logps` is float32 and 0 where `mask` is False.
+    """
+    labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    # float32 because a bf16 log-softmax over a large vocabulary loses the small differences that
+    # DPO margins and per-sample gradients depend on.
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = torch.gather(logp, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * mask, mask
+
+
+def _logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def sequence_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Summed log-probability of the response tokens (labels != -100) of each row: `(N,)` float32."""
+    logps, _ = token_logprobs(_logits(model, input_ids, attention_mask), labels)
+    return logps.sum(-1)
+
+
+def sft_loss_per_sample(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sample token-mean negative log-likelihood over the response tokens: `(N,)`.
+
+    A sample without response tokens gets loss 0 (and zero gradient) rather than NaN.
+    """
+    logps, mask = token_logprobs(_logits(model, batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    return -logps.sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor], num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Token-mean negative log-likelihood over the whole batch (the SFT training loss).
+
+    `num_tokens` replaces the local response-token count as the denominator, so that DDP ranks
+    passing the global count produce losses whose sum is the global token mean.
+    """
+    logps, mask = token_logprobs(_logits(model, batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    denominator = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=logps.device)
+    return -logps.sum() / denominator.clamp(min=1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Per-sample DPO loss `-logsigmoid(beta * ((pc - rc) - (pr - rr)))` from summed log-probs."""
+    return -F.logsigmoid(beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)))
+
+
+@dataclass(frozen=True)
+class PerSampleLoss:
+    """Losses of `S` samples computed from `R` rows of one forward pass.
+
+    `row_to_sample[r]` is the sample that row `r` of the model input belongs to; None means rows
+    and samples coincide. Rows must not interact (no batch norm, dropout off) for per-sample
+    gradients to be exact.
+    """
+
+    losses: torch.Tensor
+    row_to_sample: torch.Tensor | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.losses.shape[0]
+
+
+class Objective(Protocol):
+    """Maps `(model, batch)` to per-sample losses; implement this to add an objective."""
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> PerSampleLoss: ...
+
+
+class SFTObjective:
+    """Per-sample token-mean SFT loss on an SFT batch (the LESS training-gradient objective)."""
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> PerSampleLoss:
+        return PerSampleLoss(sft_loss_per_sample(model, batch))
+
+    def __repr__(self) -> str:
+        return "SFTObjective()"
+
+
+def _right_pad(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return F.pad(t, (0, length - t.shape[1]), value=value)
+
+
+def concat_pairs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows of a preference batch as one right-padded `(2N, T)` batch."""
+    length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    return {
+        key: torch.cat(
+            [_right_pad(batch[f"{side}_{key}"], length, _PAD_VALUES[key]) for side in ("chosen", "rejected")]
+        )
+        for key in _PAIR_KEYS
+    }
+
+
+class DPOObjective:
+    """Per-sample DPO loss on a preference batch (the ROSE validation objective).
+
+    Chosen and rejected responses run in one forward pass (rows `0..N-1` chosen, `N..2N-1`
+    rejected). The reference policy is the same peft model with its adapter disabled, evaluated
+    without grad, so no second copy of the model is held. Reference log-probs precomputed by the
+    caller can be passed in the batch as `reference_chosen_logps` / `reference_rejected_logps`.
+
+    `reference="none"` skips the reference and uses `-(logp_chosen - logp_rejected)`: its
+    gradient differs from the DPO gradient only by the positive per-sample factor
+    `beta * sigmoid(-beta * margin)`, so L2-normalized gradient features are identical (and beta
+    is irrelevant). Its loss values are not DPO losses.
+    """
+
+    def __init__(self, beta: float = 0.1, reference: Literal["adapter_disabled", "none"] = "adapter_disabled"):
+        """
+        Args:
+            beta: DPO temperature.
+            reference: where reference log-probs come from: the adapter-disabled model, or none at all.
+        """
+        if reference not in ("adapter_disabled", "none"):
+            raise ValueError(f"DPOObjective: reference must be 'adapter_disabled' or 'none', got {reference!r}")
+        if not beta > 0:
+            raise ValueError(f"DPOObjective: beta must be positive, got {beta}")
+        self.beta = float(beta)
+        self.reference = reference
+
+    def policy_logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response log-probs `(chosen (N,), rejected (N,))` under the current model, one forward."""
+        pairs = concat_pairs(batch)
+        logps = sequence_logprobs(model, pairs["input_ids"], pairs["attention_mask"], pairs["labels"])
+        n = batch["chosen_input_ids"].shape[0]
+        return logps[:n], logps[n:]
+
+    def reference_logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs: from the batch if precomputed, else the adapter-disabled model."""
+        if "reference_chosen_logps" in batch and "reference_rejected_logps" in batch:
+            return batch["reference_chosen_logps"].float(), batch["reference_rejected_logps"].float()
+        disable_adapter = getattr(model, "disable_adapter", None)
+        if disable_adapter is None:
+            raise ValueError(
+                f"DPOObjective(reference='adapter_disabled') needs a peft model with disable_adapter(), "
+                f"got {type(model).__name__}; pass reference_*_logps in the batch or use reference='none'"
+            )
+        with torch.no_grad(), disable_adapter():
+            return self.policy_logps(model, batch)
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> PerSampleLoss:
+        n = batch["chosen_input_ids"].shape[0]
+        rows = torch.arange(n, device=batch["chosen_input_ids"].device).repeat(2)
+        if self.reference == "none":
+            chosen, rejected = self.policy_logps(model, batch)
+            return PerSampleLoss(-(chosen - rejected), rows)
+        # Reference first: it runs without grad, so gradient hooks ignore it in any case.
+        ref_chosen, ref_rejected = self.reference_logps(model, batch)
+        chosen, rejected = self.policy_logps(model, batch)
+        return PerSampleLoss(dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta), rows)
+
+    def __repr__(self) -> str:
+        return f"DPOObjective(beta={self.beta}, reference={self.reference!r})"
