@@ -1,0 +1,3 @@
+from rose_pl.cli import main
+
+main()
