@@ -27,9 +27,13 @@ def _extra_commands() -> dict:
 
 def lightning_cli(args: list[str] | None = None, run: bool = True):
     """LightningCLI over any LightningModule / LightningDataModule named by `class_path` in the YAML."""
+    import warnings
+
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
 
+    # The pipeline calls stages in-process with explicit args while sys.argv holds `run ...`.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     return LightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,

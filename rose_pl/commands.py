@@ -203,8 +203,8 @@ def prepare_model(model: str = DEFAULT_MODEL) -> None:
     print(resolve_model_path(model))
 
 
-def run_argv(argv: list[str]) -> None:
-    """`python -m rose_pl run --config configs/rose.yaml [--key value ...]`."""
+def run_argv(argv: list[str]) -> dict[str, str]:
+    """`python -m rose_pl run --config configs/rose.yaml [--key value ...]`; returns {stage: 'ran'|'skipped'}."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from rose_pl.pipeline import RunArgs, run
@@ -216,4 +216,4 @@ def run_argv(argv: list[str]) -> None:
     cfg.pop("config", None)
     args = parser.instantiate_classes(cfg)
     run_args = RunArgs(**{k: getattr(args, k) for k in RunArgs.__dataclass_fields__})
-    run(run_args)
+    return run(run_args)
