@@ -170,8 +170,9 @@ class GradientFeatureModule(pl.LightningModule):
 
         preference = "chosen_input_ids" in batch
         if preference != (self.hparams.mode in PREFERENCE_MODES):
-            kind = "preference" if preference else "SFT"
-            raise ConfigError(f"mode {self.hparams.mode!r} cannot use {kind} batches: check the data `kind`")
+            needs = "preference batches (data kind 'preference')" if not preference else "SFT batches (data kind 'sft' or 'preference_sft')"
+            got = "preference" if preference else "SFT"
+            raise ConfigError(f"mode {self.hparams.mode!r} needs {needs}, got {got} batches")
         # Lightning predicts under inference mode; gradients need a normal autograd context and tensors
         # created outside inference mode.
         with torch.inference_mode(False), torch.enable_grad():

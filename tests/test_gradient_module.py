@@ -1,0 +1,140 @@
+"""The predict-time gradient module end to end: Trainer.predict output against hand computations."""
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from rose_pl.checkpoints import Manifest, WarmupCheckpoint
+from rose_pl.config import LoRAArgs, OptimArgs
+from rose_pl.data.datamodule import FeatureDataModule, SFTDataModule
+from rose_pl.gradient_module import GradientFeatureModule
+from rose_pl.hub import load_causal_lm
+from rose_pl.model import LoRACausalLM
+from rose_pl.objectives import DPOObjective, SFTObjective
+from rose_pl.projection import ProjectionCallback
+
+LORA = LoRAArgs(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+ATOL = 1e-5
+
+
+def trainer(**kw):
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory, tiny_model_dir):
+    """A 2-epoch warmup of the tiny model: (folder, pool file, preference file)."""
+    root = tmp_path_factory.mktemp("warm")
+    pool, prefs = root / "pool.jsonl", root / "prefs.jsonl"
+    with open(pool, "w") as f:
+        for i in range(10):
+            f.write(json.dumps({"dataset": "a" if i < 5 else "b", "id": f"p{i}", "messages": [
+                {"role": "user", "content": "question " + "x" * (i % 4 + 1)},
+                {"role": "assistant", "content": "answer " + "y" * (3 + 2 * i)}]}) + "\n")
+    with open(prefs, "w") as f:
+        for i in range(5):
+            f.write(json.dumps({"id": f"v{i}", "task": "t0" if i < 3 else "t1", "prompt": "ask " + "q" * i,
+                                "chosen": "good " + "g" * (i + 2), "rejected": "bad " + "b" * (2 * i + 1)}) + "\n")
+    module = LoRACausalLM(model=str(tiny_model_dir), lora=LORA, optim=OptimArgs(lr=1e-2, warmup_ratio=0.0))
+    data = SFTDataModule(train_file=str(pool), tokenizer=str(tiny_model_dir), batch_size=2, max_seq_length=64)
+    pl.seed_everything(0)
+    trainer(max_epochs=2, callbacks=[WarmupCheckpoint(dirpath=str(root / "ckpt"))]).fit(module, datamodule=data)
+    return root, pool, prefs
+
+
+def predict(ckpt, data_file, kind, mode, model_dir, inference_mode=False, **module_kw):
+    module = GradientFeatureModule(checkpoint=str(ckpt), mode=mode, model=str(model_dir), **module_kw)
+    dm = FeatureDataModule(str(data_file), str(model_dir), kind=kind, batch_size=3, max_seq_length=64)
+    callbacks = [] if mode == "hidden" else [ProjectionCallback(kind="identity", normalize=False)]
+    out = trainer(callbacks=callbacks, inference_mode=inference_mode).predict(module, datamodule=dm)
+    index = torch.cat([o["index"] for o in out])
+    feats = torch.cat([o["features"] for o in out])
+    return feats[index.argsort()], module, dm
+
+
+def single_example_grads(model, objective, batch):
+    """The reference: one backward pass per example, gradients flattened in named_parameters order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    n = batch["index"].numel()
+    for i in range(n):
+        one = {k: v[i: i + 1] for k, v in batch.items() if torch.is_tensor(v) and k != "index"}
+        loss = objective(model, one).losses.sum()
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def peft_from(ckpt_dir, model_dir):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_causal_lm(str(model_dir)), str(ckpt_dir / "adapter"), is_trainable=True)
+    return model.eval()
+
+
+def all_rows(dm):
+    batches = list(dm.predict_dataloader())
+    keys = [k for k in batches[0] if torch.is_tensor(batches[0][k])]
+    width = max(b["input_ids" if "input_ids" in b else "chosen_input_ids"].shape[1] for b in batches)
+
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) if t.dim() == 2 else t
+
+    fill = {"labels": -100, "attention_mask": 0}
+    merged = {k: torch.cat([pad(b[k], next((v for s, v in fill.items() if k.endswith(s)), 0)) for b in batches]) for k in keys}
+    order = merged["index"].argsort()
+    return {k: v[order] for k, v in merged.items()}
+
+
+def test_adam_features_equal_a_hand_computation_from_the_saved_state(warm, tiny_model_dir):
+    root, pool, _ = warm
+    ckpt = Manifest.load(root / "ckpt").get(2)
+    feats, module, dm = predict(ckpt.path, pool, "sft", "sft_adam", tiny_model_dir)
+    model = peft_from(ckpt.path, tiny_model_dir)
+    grads = single_example_grads(model, SFTObjective(), all_rows(dm))
+    saved = ckpt.load_optimizer_state()
+    (b1, b2), eps = saved["hyper"]["betas"], saved["hyper"]["eps"]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    m = torch.cat([saved["state"][n]["exp_avg"].flatten() for n in names])
+    v = torch.cat([saved["state"][n]["exp_avg_sq"].flatten() for n in names])
+    m2 = b1 * m + (1 - b1) * grads
+    v2 = b2 * v + (1 - b2) * grads * grads
+    expected = m2 / torch.sqrt(v2 + eps)
+    assert feats.shape == expected.shape == (10, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    torch.testing.assert_close(feats, expected, atol=ATOL, rtol=1e-4)
+
+
+def test_features_do_not_depend_on_the_trainers_inference_mode(warm, tiny_model_dir):
+    root, pool, _ = warm
+    ckpt = root / "ckpt" / "epoch-1"
+    a, _, _ = predict(ckpt, pool, "sft", "sft", tiny_model_dir, inference_mode=False)
+    b, _, _ = predict(ckpt, pool, "sft", "sft", tiny_model_dir, inference_mode=True)
+    torch.testing.assert_close(a, b)
+
+
+def test_dpo_features_equal_single_example_dpo_gradients(warm, tiny_model_dir):
+    root, _, prefs = warm
+    ckpt = root / "ckpt" / "epoch-2"
+    feats, _, dm = predict(ckpt, prefs, "preference", "dpo", tiny_model_dir, beta=0.5)
+    expected = single_example_grads(peft_from(ckpt, tiny_model_dir), DPOObjective(beta=0.5), all_rows(dm))
+    torch.testing.assert_close(feats, expected, atol=ATOL, rtol=1e-4)
+    noref, _, _ = predict(ckpt, prefs, "preference", "dpo_noref", tiny_model_dir)
+    normalize = torch.nn.functional.normalize
+    torch.testing.assert_close(normalize(feats, dim=1), normalize(noref, dim=1), atol=1e-5, rtol=1e-4)
+
+
+def test_hidden_mode_gives_unit_mean_hidden_states(warm, tiny_model_dir):
+    root, pool, _ = warm
+    feats, _, _ = predict(root / "ckpt" / "epoch-2", pool, "sft", "hidden", tiny_model_dir)
+    assert feats.shape == (10, 32)
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(10))
+
+
+def test_a_mode_that_does_not_fit_the_data_kind_is_refused(warm, tiny_model_dir):
+    from rose_pl.errors import ConfigError
+
+    root, pool, _ = warm
+    with pytest.raises(ConfigError, match="preference"):
+        predict(root / "ckpt" / "epoch-1", pool, "sft", "dpo", tiny_model_dir)
