@@ -25,6 +25,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from rose_pl.atomic import atomic_write_json
 from rose_pl.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -39,22 +40,6 @@ FORMAT_VERSION = 1
 def epoch_dirname(epoch: int) -> str:
     """The one place that derives a checkpoint folder name (epochs count from 1)."""
     return f"epoch-{epoch}"
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def named_adam_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:

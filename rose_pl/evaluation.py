@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +22,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import torch
 from torchmetrics import MeanMetric, Metric, SumMetric
 
+from rose_pl.atomic import atomic_write_json
 from rose_pl.errors import ConfigError, JudgeError
 
 log = logging.getLogger(__name__)
@@ -465,18 +465,7 @@ class EvaluationResult:
 
     def write_json(self, path: str | Path) -> Path:
         """Write atomically (temporary file + os.replace); NaN is written as null."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(_jsonable(asdict(self)), f, indent=2, allow_nan=False)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_json(path, _jsonable(asdict(self)), sort_keys=False, allow_nan=False)
 
     @classmethod
     def read_json(cls, path: str | Path) -> EvaluationResult:

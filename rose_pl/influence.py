@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from rose_pl.atomic import atomic_write
 from rose_pl.errors import ConfigError, DataFormatError, StoreMismatchError
 
 log = logging.getLogger(__name__)
@@ -253,6 +253,12 @@ def _projector_problems(name_a: str, meta_a: dict, name_b: str, meta_b: dict) ->
     return problems
 
 
+def _checkpoint_of(meta: dict):
+    """The checkpoint a store's features come from (recorded by the module under "module"), or None."""
+    module = meta.get("module")
+    return module.get("checkpoint") if isinstance(module, dict) else meta.get("checkpoint")
+
+
 def check_store_metas(train_metas: Sequence[dict], val_metas: Sequence[dict], train_names: Sequence[str],
                       val_names: Sequence[str]) -> None:
     """Raise StoreMismatchError listing every incompatibility between per-checkpoint train/val store metadata.
@@ -265,9 +271,9 @@ def check_store_metas(train_metas: Sequence[dict], val_metas: Sequence[dict], tr
     problems = []
     for i, (ta, va) in enumerate(zip(train_metas, val_metas)):
         problems += _projector_problems(train_names[i], ta, val_names[i], va)
-        if "checkpoint" in ta and "checkpoint" in va and ta["checkpoint"] != va["checkpoint"]:
-            problems.append(f"checkpoint {ta['checkpoint']!r} ({train_names[i]}) != "
-                            f"{va['checkpoint']!r} ({val_names[i]})")
+        ct, cv = _checkpoint_of(ta), _checkpoint_of(va)
+        if ct is not None and cv is not None and ct != cv:
+            problems.append(f"checkpoint {ct!r} ({train_names[i]}) != {cv!r} ({val_names[i]})")
         if i > 0:
             problems += _projector_problems(train_names[0], train_metas[0], train_names[i], ta)
             if ta.get("num_rows") != train_metas[0].get("num_rows"):
@@ -275,10 +281,10 @@ def check_store_metas(train_metas: Sequence[dict], val_metas: Sequence[dict], tr
                                 f"{train_metas[0].get('num_rows')} ({train_names[0]})")
     seen: dict[str, str] = {}
     for name, meta in zip(train_names, train_metas):
-        if "checkpoint" in meta:
-            key = json.dumps(meta["checkpoint"], sort_keys=True, default=str)
+        if _checkpoint_of(meta) is not None:
+            key = json.dumps(_checkpoint_of(meta), sort_keys=True, default=str)
             if key in seen:
-                problems.append(f"{name} and {seen[key]} come from the same checkpoint {meta['checkpoint']!r}")
+                problems.append(f"{name} and {seen[key]} come from the same checkpoint {_checkpoint_of(meta)!r}")
             seen[key] = name
     if problems:
         raise StoreMismatchError("feature stores do not fit together:\n  - " + "\n  - ".join(problems))
@@ -318,21 +324,6 @@ class SavedScores:
     meta: dict[str, Any]
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_scores(path: str | os.PathLike, result: InfluenceResult, ids: Sequence[str], datasets: Sequence[str],
                 meta: dict[str, Any] | None = None) -> Path:
     """Write `result` into folder `path` (SCORES_ARRAYS_FILE, then SCORES_META_FILE), each atomically."""
@@ -345,11 +336,11 @@ def save_scores(path: str | os.PathLike, result: InfluenceResult, ids: Sequence[
         "weights": result.weights, "ids": np.asarray(list(ids), dtype=str),
         "datasets": np.asarray(list(datasets), dtype=str),
     }
-    _atomic_write(folder / SCORES_ARRAYS_FILE, lambda f: np.savez(f, **arrays))
+    atomic_write(folder / SCORES_ARRAYS_FILE, lambda f: np.savez(f, **arrays))
     sidecar = {"format_version": SCORES_FORMAT_VERSION, "num_rows": n, "tasks": list(result.tasks),
                "info": result.info, "meta": meta or {}}
     text = json.dumps(sidecar, indent=2, default=str).encode()
-    _atomic_write(folder / SCORES_META_FILE, lambda f: f.write(text))
+    atomic_write(folder / SCORES_META_FILE, lambda f: f.write(text))
     return folder
 
 

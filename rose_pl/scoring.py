@@ -36,7 +36,7 @@ def checkpoint_weights(train_dirs: list[Path]) -> list[float]:
     weights = []
     for d in train_dirs:
         meta = FeatureStore.open(d).meta
-        lr = meta.get("module", meta).get("checkpoint_lr") if isinstance(meta.get("module"), dict) else meta.get("checkpoint_lr")
+        lr = (meta.get("module") or {}).get("checkpoint_lr")
         if lr is None:
             raise ConfigError(f"{d}: store metadata has no checkpoint_lr; pass weights explicitly")
         weights.append(float(lr))
@@ -106,7 +106,7 @@ def select_and_report(pipe: "Pipeline", method: str, result, pool) -> dict:
 
 def write_comparison(pipe: "Pipeline") -> None:
     """compare.md / compare.json: each method's selection composition and evaluation side by side."""
-    from rose_pl.checkpoints import atomic_write_json
+    from rose_pl.atomic import atomic_write_json, atomic_write_text
     from rose_pl.report import comparison_table
     from rose_pl.selection import read_selection
 
@@ -135,9 +135,7 @@ def write_comparison(pipe: "Pipeline") -> None:
         "preference pairs: pref_accuracy = log pi(chosen) > log pi(rejected); reward_* use the DPO implicit "
         "reward against the base model.\n\n" + table + "\n"
     )
-    tmp = pipe.p("compare.md.tmp")
-    tmp.write_text(text)
-    tmp.replace(pipe.p("compare.md"))
+    atomic_write_text(pipe.p("compare.md"), text)
     print(text)
 
 

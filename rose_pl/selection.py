@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from rose_pl.atomic import atomic_write_text
 from rose_pl.errors import ConfigError
 
 DEFAULT_FRACTION = 0.05
@@ -76,21 +76,6 @@ def select(scores: np.ndarray, *, fraction: float | None = DEFAULT_FRACTION, k: 
     return rank(s, seed=seed)[: budget(s.shape[0], fraction=fraction, k=k)]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_selection(
     pool_rows: Sequence[dict[str, Any]],
     selected: Sequence[int] | np.ndarray,
@@ -125,7 +110,7 @@ def write_selection(
 
     out = Path(path)
     lines = [json.dumps(pool_rows[i], ensure_ascii=False) for i in idx.tolist()]
-    _atomic_write_text(out, "".join(line + "\n" for line in lines))
+    atomic_write_text(out, "".join(line + "\n" for line in lines))
 
     rows = []
     for r, i in enumerate(idx.tolist()):
@@ -146,7 +131,7 @@ def write_selection(
         "threshold": float(min(float(scores[i]) for i in idx)) if scores is not None and idx.size else None,
         "selected": rows,
     }
-    _atomic_write_text(selection_meta_path(out), json.dumps(sidecar, indent=1, ensure_ascii=False))
+    atomic_write_text(selection_meta_path(out), json.dumps(sidecar, indent=1, ensure_ascii=False))
     return out
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from rose_pl.checkpoints import atomic_write_json
+from rose_pl.atomic import atomic_write_json
 from rose_pl.errors import StaleOutputError
 
 log = logging.getLogger(__name__)
