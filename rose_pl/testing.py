@@ -66,3 +66,17 @@ def save_tiny_model(directory: str | Path, seed: int = 0, **overrides) -> Path:
     model.save_pretrained(directory)
     byte_tokenizer().save_pretrained(directory)
     return directory
+
+
+def token_rows(lengths, prompt_lengths, seed: int = 0, vocab_size: int = 260, pad_id: int = 3):
+    """Right-padded random rows: (input_ids, attention_mask, labels) with the first `prompt_lengths[i]`
+    tokens of row i outside the loss (-100), for batches with padding and unequal lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.full((len(lengths), max(lengths)), pad_id)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (length, prompt) in enumerate(zip(lengths, prompt_lengths)):
+        ids[i, :length] = torch.randint(4, vocab_size, (length,), generator=gen)
+        mask[i, :length] = 1
+        labels[i, prompt:length] = ids[i, prompt:length]
+    return ids, mask, labels

@@ -5,6 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from rose_pl.testing import token_rows
 from rose_pl.objectives import (
     IGNORE_INDEX,
     DPOObjective,
@@ -35,16 +36,7 @@ def _lora_model(seed=0):
 
 
 def _rows(lengths, prompt_lengths, seed):
-    gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), 3)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    for i, (length, prompt) in enumerate(zip(lengths, prompt_lengths)):
-        ids[i, :length] = torch.randint(4, 260, (length,), generator=gen)
-        mask[i, :length] = 1
-        labels[i, prompt:length] = ids[i, prompt:length]
-    return ids, mask, labels
+    return token_rows(lengths, prompt_lengths, seed)
 
 
 def _sft_batch(lengths=(12, 7, 9, 4), prompts=(3, 2, 5, 1), seed=0):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from rose_pl.testing import token_rows
 from rose_pl.errors import CheckpointError
 from rose_pl.objectives import IGNORE_INDEX, DPOObjective, PerSampleLoss, SFTObjective
 from rose_pl.per_sample_grads import AdamTransformSink, ConcatSink, PerSampleGradients, adam_direction
@@ -31,15 +32,7 @@ def lora_model(seed=0, attn="eager", **lora_kwargs):
 
 
 def _rows(lengths, prompt_lengths, seed):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.full((len(lengths), max(lengths)), 3)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    for i, (length, prompt) in enumerate(zip(lengths, prompt_lengths)):
-        ids[i, :length] = torch.randint(4, 260, (length,), generator=gen)
-        mask[i, :length] = 1
-        labels[i, prompt:length] = ids[i, prompt:length]
-    return ids, mask, labels
+    return token_rows(lengths, prompt_lengths, seed)
 
 
 def sft_batch(lengths=(14, 6, 10, 3), prompts=(5, 1, 4, 1), seed=0):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -37,11 +37,12 @@ def _check(pad_token_id: int | None, pad_to_multiple_of: int | None) -> None:
 
 
 @dataclass(frozen=True)
-class SFTCollator:
-    """Features {input_ids, labels, index} -> {input_ids, attention_mask, labels, index}, right-padded."""
+class _PaddingCollator:
+    """Pads every `{prefix}input_ids` / `{prefix}labels` of the features to one common length."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    prefixes: ClassVar[tuple[str, ...]] = ("",)
 
     def __post_init__(self):
         _check(self.pad_token_id, self.pad_to_multiple_of)
@@ -49,41 +50,27 @@ class SFTCollator:
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("cannot collate an empty batch")
-        lengths = [len(f["input_ids"]) for f in features]
-        length = _padded_length(lengths, self.pad_to_multiple_of)
-        input_ids = _pad([f["input_ids"] for f in features], length, self.pad_token_id)
-        attention_mask = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).long()
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": _pad([f["labels"] for f in features], length, IGNORE_INDEX),
-            "index": torch.tensor([int(f["index"]) for f in features], dtype=torch.long),
-        }
+        lengths = {p: [len(f[f"{p}input_ids"]) for f in features] for p in self.prefixes}
+        length = _padded_length([n for ns in lengths.values() for n in ns], self.pad_to_multiple_of)
+        batch = {}
+        for p in self.prefixes:
+            batch[f"{p}input_ids"] = _pad([f[f"{p}input_ids"] for f in features], length, self.pad_token_id)
+            batch[f"{p}attention_mask"] = (torch.arange(length)[None, :] < torch.tensor(lengths[p])[:, None]).long()
+            batch[f"{p}labels"] = _pad([f[f"{p}labels"] for f in features], length, IGNORE_INDEX)
+        batch["index"] = torch.tensor([int(f["index"]) for f in features], dtype=torch.long)
+        return batch
 
 
 @dataclass(frozen=True)
-class PreferenceCollator:
+class SFTCollator(_PaddingCollator):
+    """Features {input_ids, labels, index} -> {input_ids, attention_mask, labels, index}, right-padded."""
+
+
+@dataclass(frozen=True)
+class PreferenceCollator(_PaddingCollator):
     """Features {chosen_/rejected_ input_ids, labels, index} -> the preference batch, right-padded.
 
     Both sides are padded to one common length so an objective can concatenate them into one forward pass.
     """
 
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __post_init__(self):
-        _check(self.pad_token_id, self.pad_to_multiple_of)
-
-    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise ValueError("cannot collate an empty batch")
-        lengths = {s: [len(f[f"{s}_input_ids"]) for f in features] for s in ("chosen", "rejected")}
-        length = _padded_length(lengths["chosen"] + lengths["rejected"], self.pad_to_multiple_of)
-        batch = {}
-        for side in ("chosen", "rejected"):
-            batch[f"{side}_input_ids"] = _pad([f[f"{side}_input_ids"] for f in features], length, self.pad_token_id)
-            lens = torch.tensor(lengths[side])
-            batch[f"{side}_attention_mask"] = (torch.arange(length)[None, :] < lens[:, None]).long()
-            batch[f"{side}_labels"] = _pad([f[f"{side}_labels"] for f in features], length, IGNORE_INDEX)
-        batch["index"] = torch.tensor([int(f["index"]) for f in features], dtype=torch.long)
-        return batch
+    prefixes: ClassVar[tuple[str, ...]] = ("chosen_", "rejected_")

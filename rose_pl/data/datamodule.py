@@ -84,7 +84,23 @@ def _one_of(problems: list[str], name: str, value, allowed: Sequence) -> None:
         problems.append(f"{name}: {value!r} is not one of {list(allowed)}")
 
 
-class SFTDataModule(L.LightningDataModule):
+class _TokenizerDataModule(L.LightningDataModule):
+    """Loads the tokenizer named by `self.tokenizer_name` on first use."""
+
+    tokenizer_name: str
+    _tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The tokenizer, loaded on first use."""
+        if self._tokenizer is None:
+            from rose_pl.hub import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+
+class SFTDataModule(_TokenizerDataModule):
     """Instruction data for (warmup) fine-tuning: Tulu format, assistant-only loss, length-grouped batches."""
 
     def __init__(
@@ -141,15 +157,6 @@ class SFTDataModule(L.LightningDataModule):
         self.val_dataset: TokenizedDataset | None = None
         self._restored_state: dict | None = None
         self._fingerprint: str | None = None
-
-    @property
-    def tokenizer(self):
-        """The tokenizer, loaded on first use."""
-        if self._tokenizer is None:
-            from rose_pl.hub import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
-        return self._tokenizer
 
     def setup(self, stage: str | None = None) -> None:
         """Read, subset and tokenize (once; a second call is free)."""
@@ -242,7 +249,7 @@ class SFTDataModule(L.LightningDataModule):
             )
 
 
-class FeatureDataModule(L.LightningDataModule):
+class FeatureDataModule(_TokenizerDataModule):
     """One dataset for predict-time featurization: the pool (sft), a preference set, or its SFT view."""
 
     def __init__(
@@ -300,15 +307,6 @@ class FeatureDataModule(L.LightningDataModule):
         """Row indices to leave out of `predict_dataloader` (set before calling it; a resumed run's finished rows)."""
         self.dataset: TokenizedDataset | None = None
         self._fingerprint: str | None = None
-
-    @property
-    def tokenizer(self):
-        """The tokenizer, loaded on first use."""
-        if self._tokenizer is None:
-            from rose_pl.hub import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
-        return self._tokenizer
 
     @property
     def num_examples(self) -> int:
