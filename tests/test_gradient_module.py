@@ -138,3 +138,47 @@ def test_a_mode_that_does_not_fit_the_data_kind_is_refused(warm, tiny_model_dir)
     root, pool, _ = warm
     with pytest.raises(ConfigError, match="preference"):
         predict(root / "ckpt" / "epoch-1", pool, "sft", "dpo", tiny_model_dir)
+
+
+def predict_config(out, ckpt, data_file, model_dir) -> dict:
+    return {
+        "trainer": {"accelerator": "cpu", "logger": False, "inference_mode": False, "enable_progress_bar": False,
+                    "callbacks": [
+                        {"class_path": "rose_pl.projection.ProjectionCallback", "init_args": {"kind": "countsketch", "dim": 64}},
+                        {"class_path": "rose_pl.store.FeatureStoreWriter", "init_args": {"output_dir": str(out), "dtype": "float32"}},
+                    ]},
+        "model": {"class_path": "rose_pl.gradient_module.GradientFeatureModule",
+                  "init_args": {"checkpoint": str(ckpt), "mode": "sft_adam", "model": str(model_dir)}},
+        "data": {"class_path": "rose_pl.data.datamodule.FeatureDataModule",
+                 "init_args": {"data_file": str(data_file), "tokenizer": str(model_dir), "batch_size": 3, "max_seq_length": 64}},
+        "return_predictions": False,
+    }
+
+
+@pytest.mark.slow
+def test_ddp_predict_through_the_cli_writes_the_same_store_as_one_process(warm, tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from rose_pl.store import FeatureStore
+
+    root, pool, _ = warm
+    stores = {}
+    for devices in (1, 2):
+        out = tmp_path / f"store{devices}"
+        cfg = tmp_path / f"predict{devices}.yaml"
+        cfg.write_text(yaml.safe_dump(predict_config(out, root / "ckpt" / "epoch-2", pool, tiny_model_dir)))
+        args = [sys.executable, "-m", "rose_pl", "predict", "--config", str(cfg), "--trainer.devices", str(devices)]
+        if devices > 1:
+            args += ["--trainer.strategy", "ddp"]
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        stores[devices] = FeatureStore.open(out)
+    one, two = stores[1], stores[2]
+    assert one.is_complete and two.is_complete
+    assert one.meta == two.meta
+    # Ranks batch different rows together: equal up to float rounding of different GEMM shapes.
+    torch.testing.assert_close(torch.from_numpy(two.features().copy()), torch.from_numpy(one.features().copy()),
+                               atol=1e-5, rtol=1e-4)
