@@ -190,7 +190,7 @@ def _cell(value: Any) -> str:
         return str(int(value))
     if isinstance(value, (float, np.floating)):
         v = float(value)
-        return "–" if np.isnan(v) else (f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}")
+        return "–" if np.isnan(v) else f"{v:.4g}"  # 0.475, 83.3, 2.93: significant digits, not padding
     return _md(value)
 
 
