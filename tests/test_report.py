@@ -99,6 +99,6 @@ def test_comparison_table_lines_up_methods_and_expands_dict_columns():
     lines = comparison_table(rows).splitlines()
     assert lines[0] == ("| method | composition: flan_v2 | composition: dolly | pref_acc | composition: oasst1 | n |")
     assert lines[1] == "|---|---:|---:|---:|---:|---:|"
-    assert lines[2] == "| ROSE | 35.000 | 20.500 | 0.613 | – | – |"
+    assert lines[2] == "| ROSE | 35 | 20.5 | 0.6125 | – | – |"
     assert lines[3] == "| random | 40.000 | – | 0.550 | 10.000 | 13534 |"
     assert lines[4] == "| BM25 | – | – | – | – | – |"
