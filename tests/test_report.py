@@ -100,5 +100,5 @@ def test_comparison_table_lines_up_methods_and_expands_dict_columns():
     assert lines[0] == ("| method | composition: flan_v2 | composition: dolly | pref_acc | composition: oasst1 | n |")
     assert lines[1] == "|---|---:|---:|---:|---:|---:|"
     assert lines[2] == "| ROSE | 35 | 20.5 | 0.6125 | – | – |"
-    assert lines[3] == "| random | 40.000 | – | 0.550 | 10.000 | 13534 |"
+    assert lines[3] == "| random | 40 | – | 0.55 | 10 | 13534 |"
     assert lines[4] == "| BM25 | – | – | – | – | – |"
