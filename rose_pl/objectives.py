@@ -27,11 +27,13 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
-    # float32 because a bf16 log-softmax over a large vocabulary loses the small differences that
-    # DPO margins and per-sample gradients depend on.
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = torch.gather(logp, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * mask, mask
+    # Only the K loss positions go through the vocabulary-wide softmax: prompts and padding are skipped,
+    # and the float32 copy is (K, V), not (N, T, V). float32 because a bf16 log-softmax over a large
+    # vocabulary loses the small differences that DPO margins and per-sample gradients depend on.
+    selected = logits[:, :-1][mask].float()
+    picked = selected.gather(1, labels[mask].unsqueeze(1)).squeeze(1) - torch.logsumexp(selected, dim=-1)
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    return out.masked_scatter(mask, picked), mask
 
 
 def _logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
