@@ -70,6 +70,15 @@ class GradientFeatureModule(pl.LightningModule):
         self._adam = None
 
     # ---- model -------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        if isinstance(self.trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            raise ConfigError(
+                f"trainer.strategy: {type(self.trainer.strategy).__name__} shards parameters; gradient features need "
+                "every rank to hold the whole model: use strategy ddp (data parallel) for predict"
+            )
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
