@@ -307,8 +307,29 @@ def score_stores(
     val_stores = [FeatureStore.open(p) for p in val_dirs]
     check_store_metas([s.meta for s in train_stores], [s.meta for s in val_stores],
                       [str(p) for p in train_dirs], [str(p) for p in val_dirs])
-    result = influence_scores([s.features() for s in train_stores], [s.features() for s in val_stores],
-                              task_ids, weights, block_size=block_size, device=device)
+    # Rows a store was finalized without (dropped on request by the datamodule) hold zeros, not features.
+    # A dropped validation row must not pull its task's mean toward zero: leave it out of every checkpoint.
+    val_drop = np.unique(np.concatenate([s.excluded_indices() for s in val_stores]))
+    val = [s.features() for s in val_stores]
+    if val_drop.size:
+        if len(task_ids) != val[0].shape[0]:
+            raise ConfigError(f"{len(task_ids)} task ids for {val[0].shape[0]} validation rows")
+        keep = np.setdiff1d(np.arange(len(task_ids)), val_drop)
+        log.warning("influence: %d validation rows were dropped when their features were computed; "
+                    "scoring without them: %s", val_drop.size, val_drop[:10].tolist())
+        val = [np.asarray(v)[keep] for v in val]
+        task_ids = [task_ids[i] for i in keep]
+    result = influence_scores([s.features() for s in train_stores], val, task_ids, weights,
+                              block_size=block_size, device=device)
+    # A dropped training row has no features: it must never be selected.
+    train_drop = np.unique(np.concatenate([s.excluded_indices() for s in train_stores]))
+    if train_drop.size:
+        log.warning("influence: %d training rows have no features (dropped); their score is -inf: %s",
+                    train_drop.size, train_drop[:10].tolist())
+        result.scores[train_drop] = -np.inf
+        result.per_task[train_drop] = -np.inf
+    result.info["dropped_train_rows"] = train_drop.tolist()
+    result.info["dropped_val_rows"] = val_drop.tolist()
     result.info["train_stores"] = [str(p) for p in train_dirs]
     result.info["val_stores"] = [str(p) for p in val_dirs]
     return result

@@ -159,42 +159,6 @@ def test_compatible_store_metadata_passes():
                       ["t0", "t1"], ["v0", "v1"])
 
 
-def test_score_stores_opens_folders_and_checks_them(problem, tmp_path, monkeypatch):
-    """score_stores against a stand-in FeatureStore (store.py is written separately)."""
-    import sys
-    import types
-
-    train, val, task_ids, weights = problem
-    folders = {}
-    for side, mats in (("train", train), ("val", val)):
-        for i, m in enumerate(mats):
-            path = tmp_path / f"{side}{i}"
-            folders[str(path)] = (make_memmap(tmp_path / f"{side}{i}.bin", m),
-                                  _meta(f"e{i}", rows=m.shape[0], seed=7 if (side, i) == ("val", 2) else 0))
-
-    class FakeStore:
-        def __init__(self, path):
-            self._features, self.meta = folders[str(path)]
-
-        @classmethod
-        def open(cls, path):
-            return cls(path)
-
-        def features(self):
-            return self._features
-
-    monkeypatch.setitem(sys.modules, "rose_pl.store", types.SimpleNamespace(FeatureStore=FakeStore))
-    train_dirs = [tmp_path / f"train{i}" for i in range(3)]
-    val_dirs = [tmp_path / f"val{i}" for i in range(3)]
-    with pytest.raises(StoreMismatchError, match="projector.seed"):
-        score_stores(train_dirs, val_dirs, task_ids, weights, device="cpu")
-    folders[str(tmp_path / "val2")][1]["projector"]["seed"] = 0
-    result = score_stores(train_dirs, val_dirs, task_ids, weights, block_size=10, device="cpu")
-    ref, _ = dense_reference([folders[str(p)][0] for p in train_dirs], [folders[str(p)][0] for p in val_dirs],
-                             task_ids, weights)
-    np.testing.assert_allclose(result.per_task, ref, rtol=RTOL, atol=ATOL)
-
-
 def test_saved_scores_round_trip_with_their_ids(problem, tmp_path):
     train, val, task_ids, weights = problem
     result = influence_scores(train, val, task_ids, weights, device="cpu")
@@ -225,3 +189,47 @@ def test_save_scores_rejects_wrong_id_count_and_load_rejects_incomplete(problem,
     (tmp_path / "s" / SCORES_META_FILE).write_text(json.dumps(meta))
     with pytest.raises(DataFormatError, match="format_version"):
         load_scores(tmp_path / "s")
+
+
+# ---- against real FeatureStore folders ---------------------------------------------------------------
+def _store(path, rows, checkpoint, seed=0, excluded=()):
+    from rose_pl.store import FeatureStore
+
+    meta = {"module": {"checkpoint": checkpoint}, "projector": {"kind": "countsketch", "dim": rows.shape[1], "seed": seed},
+            "dataset_fingerprint": "x"}
+    store = FeatureStore.create(path, rows.shape[0], rows.shape[1], meta, dtype="float32", durable=False)
+    keep = [i for i in range(rows.shape[0]) if i not in set(excluded)]
+    store.write(np.asarray(keep), rows[keep])
+    store.finalize(excluded)
+    store.close()
+    return path
+
+
+def test_score_stores_equals_the_dense_computation_and_skips_dropped_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    train = [rng.standard_normal((9, 6)).astype(np.float32) for _ in range(2)]
+    val = [rng.standard_normal((5, 6)).astype(np.float32) for _ in range(2)]
+    tasks = ["b", "a", "b", "a", "a"]
+    train_dirs = [_store(tmp_path / f"t{i}", train[i], f"ckpt{i}", excluded=[7]) for i in range(2)]
+    val_dirs = [_store(tmp_path / f"v{i}", val[i], f"ckpt{i}", excluded=[3] if i == 1 else []) for i in range(2)]
+    result = score_stores(train_dirs, val_dirs, tasks, [1.0, 3.0])
+    # Reference: validation row 3 left out everywhere, training row 7 never selectable.
+    keep = [0, 1, 2, 4]
+    expected = np.zeros((9, 2))
+    for i, w in enumerate((0.25, 0.75)):
+        for j, task in enumerate(["a", "b"]):
+            rows = [r for r in keep if tasks[r] == task]
+            expected[:, j] += w * train[i].astype(np.float64) @ val[i][rows].astype(np.float64).mean(0)
+    expected[7] = -np.inf
+    np.testing.assert_allclose(result.per_task, expected, rtol=1e-5, atol=1e-6)
+    assert result.scores[7] == -np.inf and result.info["dropped_val_rows"] == [3]
+
+
+def test_score_stores_refuses_stores_from_different_checkpoints_or_seeds(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((4, 3)).astype(np.float32)
+    t = [_store(tmp_path / "t0", rows, "ckpt0")]
+    with pytest.raises(StoreMismatchError, match="checkpoint"):
+        score_stores(t, [_store(tmp_path / "v0", rows, "ckpt1")], ["a"] * 4, [1.0])
+    with pytest.raises(StoreMismatchError, match="seed"):
+        score_stores(t, [_store(tmp_path / "v1", rows, "ckpt0", seed=5)], ["a"] * 4, [1.0])
