@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import math
 import os
 import platform
@@ -34,12 +33,12 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from rose_pl.atomic import atomic_write_json
 from rose_pl.config import LoRAArgs
 from rose_pl.errors import ConfigError
 from rose_pl.model import add_lora
@@ -455,7 +454,7 @@ def time_projectors(args, device: torch.device, model_shapes: dict) -> list[dict
                 continue
             p.setup(shapes, device)
             print(f"proj-only {preset} ({dim:,} dims), {kind}:", flush=True)
-            case = Case("proj-only", kind, args.batch_size, lambda p=p: p.project(blocks), args.batch_size,
+            case = Case("proj-only", kind, args.batch_size, lambda p=p, b=blocks: p.project(b), args.batch_size,
                         args.iters)
             out.append({"shapes": preset, "input_dim": dim, **run_cases([case], args.rounds, device)[0]})
             del p, case
@@ -598,10 +597,7 @@ def main(argv=None):
     report = run(args)
     print_table(report)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"wrote {out}")
+        print(f"wrote {atomic_write_json(args.out, report, default=str, sort_keys=False)}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ CPU timings are exact; on CUDA every wrapped stage synchronizes, which slows the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_features as bf  # noqa: E402
 
+from rose_pl.atomic import atomic_write_json
 from rose_pl.objectives import DPOObjective, SFTObjective  # noqa: E402
 from rose_pl.per_sample_grads import AdamTransformSink, PerSampleGradients  # noqa: E402
 from rose_pl.projection import NormalizingSink  # noqa: E402
@@ -158,10 +158,7 @@ def main(argv=None):
         print(f"\n== {title} ==\n{table}")
     report["top_ops"] = tables
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"wrote {out}")
+        print(f"wrote {atomic_write_json(args.out, report, default=str, sort_keys=False)}")
 
 
 if __name__ == "__main__":

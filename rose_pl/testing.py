@@ -80,3 +80,9 @@ def token_rows(lengths, prompt_lengths, seed: int = 0, vocab_size: int = 260, pa
         mask[i, :length] = 1
         labels[i, prompt:length] = ids[i, prompt:length]
     return ids, mask, labels
+
+
+def random_sft_batch(lengths, prompt_lengths, seed: int = 0) -> dict:
+    """An SFT batch (docs/architecture.md) of random rows built by `token_rows`."""
+    ids, mask, labels = token_rows(lengths, prompt_lengths, seed)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": torch.arange(len(lengths))}

@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from rose_pl.testing import token_rows
+from rose_pl.testing import random_sft_batch, token_rows
 from rose_pl.objectives import (
     IGNORE_INDEX,
     DPOObjective,
@@ -40,8 +40,7 @@ def _rows(lengths, prompt_lengths, seed):
 
 
 def _sft_batch(lengths=(12, 7, 9, 4), prompts=(3, 2, 5, 1), seed=0):
-    ids, mask, labels = _rows(lengths, prompts, seed)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": torch.arange(len(lengths))}
+    return random_sft_batch(lengths, prompts, seed)
 
 
 def _preference_batch(seed=0):

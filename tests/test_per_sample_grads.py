@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from rose_pl.testing import token_rows
+from rose_pl.testing import random_sft_batch, token_rows
 from rose_pl.errors import CheckpointError
 from rose_pl.objectives import IGNORE_INDEX, DPOObjective, PerSampleLoss, SFTObjective
 from rose_pl.per_sample_grads import AdamTransformSink, ConcatSink, PerSampleGradients, adam_direction
@@ -36,8 +36,7 @@ def _rows(lengths, prompt_lengths, seed):
 
 
 def sft_batch(lengths=(14, 6, 10, 3), prompts=(5, 1, 4, 1), seed=0):
-    ids, mask, labels = _rows(lengths, prompts, seed)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": torch.arange(len(lengths))}
+    return random_sft_batch(lengths, prompts, seed)
 
 
 def preference_batch(seed=0):
