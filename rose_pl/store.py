@@ -315,7 +315,9 @@ class FeatureStoreWriter(BasePredictionWriter):
     def __init__(self, output_dir: str, dtype: str = "float16", overwrite: bool = False):
         """
         Args:
-            output_dir: The store folder (one per dataset x checkpoint x mode).
+            output_dir: The store folder (one per dataset x checkpoint x mode). Fields of the module's
+                feature metadata may be named in braces and are filled in at setup, e.g.
+                `runs/x/features/train/epoch-{checkpoint_epoch}` follows `--model.init_args.checkpoint`.
             dtype: Stored feature dtype, float16 or float32.
             overwrite: Discard a store in output_dir made under other metadata instead of refusing it (a store
                 with the same metadata is always resumed).
@@ -358,6 +360,11 @@ class FeatureStoreWriter(BasePredictionWriter):
         if stage != "predict":
             return
         num_rows, dim, meta = self._store_meta(trainer, pl_module)
+        try:
+            self.output_dir = str(self.output_dir).format(**meta[KEY_MODULE])
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"FeatureStoreWriter.output_dir {self.output_dir!r}: cannot fill {e} from the module's "
+                              f"feature metadata (fields: {sorted(meta[KEY_MODULE])})") from None
         # Rank 0 creates or validates; its error (if any) is broadcast so no rank waits forever.
         failure, message = None, None
         if trainer.is_global_zero:

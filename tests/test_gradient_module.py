@@ -167,9 +167,11 @@ def test_ddp_predict_through_the_cli_writes_the_same_store_as_one_process(warm, 
     root, pool, _ = warm
     stores = {}
     for devices in (1, 2):
-        out = tmp_path / f"store{devices}"
+        # The store folder may name module metadata fields: this one follows the checkpoint.
+        template = tmp_path / f"store{devices}-epoch-{{checkpoint_epoch}}"
+        out = tmp_path / f"store{devices}-epoch-2"
         cfg = tmp_path / f"predict{devices}.yaml"
-        cfg.write_text(yaml.safe_dump(predict_config(out, root / "ckpt" / "epoch-2", pool, tiny_model_dir)))
+        cfg.write_text(yaml.safe_dump(predict_config(template, root / "ckpt" / "epoch-2", pool, tiny_model_dir)))
         args = [sys.executable, "-m", "rose_pl", "predict", "--config", str(cfg), "--trainer.devices", str(devices)]
         if devices > 1:
             args += ["--trainer.strategy", "ddp"]
