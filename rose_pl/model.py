@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import asdict
 
 import lightning.pytorch as pl
 import torch
@@ -76,10 +77,14 @@ class LoRACausalLM(pl.LightningModule):
             gradient_checkpointing: Trade compute for activation memory.
         """
         super().__init__()
-        self.lora = lora or LoRAArgs()
-        self.optim = optim or OptimArgs()
+        # Dicts are accepted too: that is how load_from_checkpoint hands saved hyperparameters back.
+        self.lora = LoRAArgs(**lora) if isinstance(lora, dict) else (lora or LoRAArgs())
+        self.optim = OptimArgs(**optim) if isinstance(optim, dict) else (optim or OptimArgs())
         raise_if_problems(self.lora.validate() + self.optim.validate())
-        self.save_hyperparameters()
+        # Plain values only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["lora", "optim"])
+        self.hparams["lora"] = asdict(self.lora)
+        self.hparams["optim"] = asdict(self.optim)
         self.model = None
         # Resume checkpoints hold only the adapter (see on_save_checkpoint), not the frozen base.
         self.strict_loading = False

@@ -207,7 +207,7 @@ class Pipeline:
                 accumulate_grad_batches=args.accumulate_grad_batches,
                 callbacks=[
                     {"class_path": "rose_pl.checkpoints.WarmupCheckpoint", "init_args": {"dirpath": str(out / "checkpoints"), "save_optimizer": save_optimizer}},
-                    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(out / "resume"), "save_last": True, "save_top_k": 0, "every_n_train_steps": 50}},
+                    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(out / "resume"), "save_last": True, "save_top_k": 1, "every_n_train_steps": 50}},
                 ],
             ),
             "model": {

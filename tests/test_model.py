@@ -132,3 +132,55 @@ def test_ddp_two_processes_train_the_same_adapter_as_one(tmp_path, tiny_model_di
     sa, sb = one.get(2).load_optimizer_state()["state"], two.get(2).load_optimizer_state()["state"]
     for k in sa:
         torch.testing.assert_close(sa[k]["exp_avg"], sb[k]["exp_avg"], rtol=1e-4, atol=1e-6)
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAtEpoch(pl.Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise _Crash()
+
+
+def test_a_warmup_resumed_from_its_last_checkpoint_equals_an_uninterrupted_one(tmp_path, tiny_model_dir):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pool = write_pool(tmp_path / "pool.jsonl")
+
+    def fit(out, crash_at=None, ckpt_path=None):
+        module = LoRACausalLM(model=str(tiny_model_dir), lora=TINY_LORA, optim=OptimArgs(lr=1e-2, warmup_ratio=0.25))
+        data = SFTDataModule(train_file=str(pool), tokenizer=str(tiny_model_dir), batch_size=4, max_seq_length=64)
+        callbacks = [WarmupCheckpoint(dirpath=str(out / "ckpt")),
+                     ModelCheckpoint(dirpath=str(out / "resume"), save_last=True, save_top_k=1)]
+        if crash_at is not None:
+            callbacks.append(_CrashAtEpoch(crash_at))
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=callbacks)
+        pl.seed_everything(0)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+
+    fit(tmp_path / "whole")
+    with pytest.raises(_Crash):
+        fit(tmp_path / "killed", crash_at=2)
+    last = tmp_path / "killed" / "resume" / "last.ckpt"
+    assert last.is_file() and [c.epoch for c in Manifest.load(tmp_path / "killed" / "ckpt").checkpoints] == [1, 2]
+    # The resume checkpoint holds the adapter, not the frozen base model.
+    assert all("lora_" in k for k in torch.load(last, weights_only=False)["state_dict"])
+    fit(tmp_path / "killed", ckpt_path=str(last))
+
+    whole, resumed = Manifest.load(tmp_path / "whole" / "ckpt"), Manifest.load(tmp_path / "killed" / "ckpt")
+    assert [c.lr for c in whole.checkpoints] == pytest.approx([c.lr for c in resumed.checkpoints])
+    from safetensors.torch import load_file
+
+    a = load_file(whole.get(3).adapter_dir / "adapter_model.safetensors")
+    b = load_file(resumed.get(3).adapter_dir / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    sa, sb = whole.get(3).load_optimizer_state()["state"], resumed.get(3).load_optimizer_state()["state"]
+    for k in sa:
+        torch.testing.assert_close(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"])
