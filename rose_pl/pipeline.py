@@ -335,7 +335,8 @@ class Pipeline:
         if a.test:
             for m in ["base", *a.finetune.methods]:
                 deps = [] if m == "base" else [f"finetune/{m}"]
-                stages.append(Stage(f"evaluation/{m}", {"eval": asdict(a.evaluation), "test": digests["test"]},
+                stages.append(Stage(f"evaluation/{m}", {"eval": asdict(a.evaluation), "test": digests["test"], "model": a.model,
+                                                          "max_seq_length": a.max_seq_length},
                                     lambda m=m: self.evaluate_method(m), depends=deps,
                                     outputs=[str(self.eval_file(m).relative_to(self.root))]))
         all_names = [s.name for s in stages]
