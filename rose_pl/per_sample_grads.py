@@ -77,9 +77,10 @@ def adam_direction(grad, exp_avg, exp_avg_sq, beta1: float, beta2: float, eps: f
     `m' = beta1 m + (1 - beta1) g`, `v' = beta2 v + (1 - beta2) g^2`; eps inside the root and no
     bias correction, as in LESS. `grad` may carry leading sample dims; the state broadcasts.
     """
-    m = beta1 * exp_avg + (1 - beta1) * grad
-    v = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-    return m / torch.sqrt(v + eps)
+    # lerp(a, b, w) = a + w (b - a) = (1 - w) a + w b: the moment updates in one kernel each.
+    m = torch.lerp(exp_avg, grad, 1 - beta1)
+    v = torch.lerp(exp_avg_sq, grad * grad, 1 - beta2)
+    return m.div_(v.add_(eps).sqrt_())
 
 
 class AdamTransformSink:
@@ -241,7 +242,7 @@ class PerSampleGradients:
         g = grad_out.reshape(rows, -1, grad_out.shape[-1]).to(dtype)
         blocks = {}
         if state.weight is not None:
-            blocks[state.weight] = torch.einsum("rto,rti->roi", g, x)
+            blocks[state.weight] = torch.bmm(g.transpose(1, 2), x)  # (rows, out, in): sum over tokens
         if state.bias is not None:
             blocks[state.bias] = g.sum(1)
         for name, per_row in blocks.items():
