@@ -24,7 +24,7 @@ def score(
     output: str,
     shots_per_task: int | None = None,
     weights: list[float] | None = None,
-    block_size: int = 65536,
+    block_size: int | None = None,
     device: str | None = None,
 ) -> None:
     """ROSE Eq. 7: checkpoint-weighted inner products of train and validation features, max over tasks.
@@ -37,17 +37,17 @@ def score(
         output: Folder for the scores.
         shots_per_task: ROSE JSON only: row i of validation_data belongs to task i // shots_per_task.
         weights: Checkpoint weights; default: each checkpoint's mean learning rate from the store metadata.
-        block_size: Training rows scored per block (memory vs speed).
+        block_size: Training rows scored per block (memory vs speed); default influence.DEFAULT_BLOCK_SIZE.
         device: cpu or cuda; default: cuda when available (logged).
     """
     from rose_pl.data.formats import read_instructions, read_preferences
-    from rose_pl.influence import save_scores, score_stores
+    from rose_pl.influence import DEFAULT_BLOCK_SIZE, save_scores, score_stores
     from rose_pl.scoring import checkpoint_weights
 
     examples = read_instructions(pool)
     task_ids = [v.task for v in read_preferences(validation_data, shots_per_task=shots_per_task)]
     w = weights if weights is not None else checkpoint_weights([Path(t) for t in train])
-    result = score_stores(train, val, task_ids, w, block_size=block_size, device=device)
+    result = score_stores(train, val, task_ids, w, block_size=block_size or DEFAULT_BLOCK_SIZE, device=device)
     if result.num_rows != len(examples):
         raise ConfigError(f"{pool}: {len(examples)} rows but the train stores hold {result.num_rows}")
     save_scores(output, result, [e.id for e in examples], [e.dataset for e in examples],
@@ -77,27 +77,14 @@ def select(
     """
     from rose_pl.data.formats import read_instructions
     from rose_pl.influence import load_scores
-    from rose_pl.report import write_report
-    from rose_pl.scoring import SELECTED_FILE, example_text
-    from rose_pl.selection import select as top
-    from rose_pl.selection import write_selection
+    from rose_pl.scoring import write_selection_and_report
 
     saved = load_scores(scores)
     examples = read_instructions(pool)
-    ids = [e.id for e in examples]
-    if ids != list(saved.ids):
+    if [e.id for e in examples] != list(saved.ids):
         raise ConfigError(f"{scores}: the scored ids are not the rows of {pool} (different file or order)")
-    result = saved.result
-    chosen = top(result.scores, fraction=fraction, k=k, seed=seed)
-    datasets = [e.dataset for e in examples]
-    out = Path(output_dir)
-    write_selection([e.raw for e in examples], chosen, out / SELECTED_FILE, scores=result.scores, ids=ids,
-                    datasets=datasets, fraction=fraction, k=k, seed=seed, source=pool)
-    if report:
-        write_report(out, result.scores, chosen, datasets, ids, texts=[example_text(e) for e in examples],
-                     best_task=result.best_task, tasks=result.tasks, title=f"Selection from {scores}",
-                     extra={"fraction": fraction, "k": k, "seed": seed, "pool": pool})
-    log.info("selected %d of %d rows into %s", len(chosen), len(examples), out / SELECTED_FILE)
+    write_selection_and_report(Path(output_dir), saved.result, examples, source=pool, fraction=fraction, k=k,
+                               seed=seed, title=f"Selection from {scores}", report=report)
 
 
 def evaluate(

@@ -133,10 +133,11 @@ class GradientFeatureModule(pl.LightningModule):
         saved = self._load_adam()
         cached = getattr(self, "_adam_device_state", None)
         if cached is None or cached[0] != device:
+            wanted = self.gradient_shapes()
             state = {
                 n: (s["exp_avg"].to(device, torch.float32), s["exp_avg_sq"].to(device, torch.float32))
                 for n, s in saved["state"].items()
-                if n in self.gradient_shapes()
+                if n in wanted
             }
             self._adam_device_state = cached = (device, state)
         return cached[1]

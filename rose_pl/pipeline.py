@@ -52,21 +52,27 @@ class TrainerArgs:
 
 
 @dataclass
-class WarmupArgs:
-    """Warmup training on a random slice of the pool (ROSE step 1)."""
+class FitArgs:
+    """A LoRA training run (the warmup and the final fine-tune share these)."""
 
-    fraction: float = 0.05
-    """Fraction of the pool used for warmup."""
     seed: int = 0
-    """Seed of the warmup subset and of training."""
+    """Seed of training (and of the warmup subset)."""
     epochs: int = 4
-    """Epochs = number of checkpoints used for scoring."""
+    """Epochs (for the warmup: the number of checkpoints used for scoring)."""
     batch_size: int = 1
     """Per-device batch size."""
     accumulate_grad_batches: int = 1
     """Gradient accumulation steps."""
     lora: LoRAArgs = field(default_factory=LoRAArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
+
+
+@dataclass
+class WarmupArgs(FitArgs):
+    """Warmup training on a random slice of the pool (ROSE step 1)."""
+
+    fraction: float = 0.05
+    """Fraction of the pool used for warmup."""
 
 
 @dataclass
@@ -106,17 +112,11 @@ class SelectionArgs:
 
 
 @dataclass
-class FinetuneArgs:
+class FinetuneArgs(FitArgs):
     """Final fine-tune on each selection (ROSE step 6)."""
 
     methods: list[str] = field(default_factory=lambda: ["rose", "less", "random"])
     """Which selections to fine-tune on."""
-    epochs: int = 4
-    batch_size: int = 1
-    accumulate_grad_batches: int = 1
-    seed: int = 0
-    lora: LoRAArgs = field(default_factory=LoRAArgs)
-    optim: OptimArgs = field(default_factory=OptimArgs)
 
 
 @dataclass

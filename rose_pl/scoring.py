@@ -78,29 +78,39 @@ def score_method(pipe: "Pipeline", method: str):
 
 
 def select_and_report(pipe: "Pipeline", method: str, result, pool) -> dict:
-    """Save scores, select the top of the pool, write the selected JSONL and the report."""
+    """Save the run's scores of `method`, then select and report (see `write_selection_and_report`)."""
     from rose_pl.influence import save_scores
-    from rose_pl.report import composition, write_report
-    from rose_pl.selection import select, write_selection
 
     a = pipe.a
     out = pipe.selection_dir(method)
+    save_scores(out / SCORES_DIR, result, [e.id for e in pool], [e.dataset for e in pool],
+                meta={"method": method, "pool": a.pool})
+    return write_selection_and_report(
+        out, result, pool, source=a.pool, fraction=a.selection.fraction, k=a.selection.k, seed=a.selection.seed,
+        title=f"{method.upper()} selection", extra={"method": method, "validation": a.validation},
+    )
+
+
+def write_selection_and_report(out: Path, result, pool, *, source: str, fraction: float | None, k: int | None,
+                               seed: int, title: str, extra: dict | None = None, report: bool = True) -> dict:
+    """Select the top of `pool` by `result.scores`; write selected.jsonl (the pool's own rows), its sidecar
+    and, unless `report` is False, report.md with plots into `out`. Returns a short summary."""
+    from rose_pl.report import composition, write_report
+    from rose_pl.selection import select, write_selection
+
+    out = Path(out)
     ids = [e.id for e in pool]
     datasets = [e.dataset for e in pool]
-    save_scores(out / SCORES_DIR, result, ids, datasets, meta={"method": method, "pool": a.pool})
-    chosen = select(result.scores, fraction=a.selection.fraction, k=a.selection.k, seed=a.selection.seed)
-    write_selection(
-        [e.raw for e in pool], chosen, out / SELECTED_FILE, scores=result.scores, ids=ids, datasets=datasets,
-        fraction=a.selection.fraction, k=a.selection.k, seed=a.selection.seed, source=a.pool,
-    )
-    write_report(
-        out, result.scores, chosen, datasets, ids, texts=[example_text(e) for e in pool],
-        best_task=result.best_task, tasks=result.tasks, title=f"{method.upper()} selection",
-        extra={"method": method, "fraction": a.selection.fraction, "k": a.selection.k, "seed": a.selection.seed,
-               "pool": a.pool, "validation": a.validation},
-    )
-    summary = {"method": method, "selected": int(len(chosen)), "composition": composition(datasets, chosen)}
-    log.info("%s: selected %d of %d; composition %s", method, len(chosen), len(pool), summary["composition"])
+    chosen = select(result.scores, fraction=fraction, k=k, seed=seed)
+    write_selection([e.raw for e in pool], chosen, out / SELECTED_FILE, scores=result.scores, ids=ids,
+                    datasets=datasets, fraction=fraction, k=k, seed=seed, source=source)
+    if report:
+        write_report(out, result.scores, chosen, datasets, ids, texts=[example_text(e) for e in pool],
+                     best_task=result.best_task, tasks=result.tasks, title=title,
+                     extra={"fraction": fraction, "k": k, "seed": seed, "pool": source, **(extra or {})})
+    summary = {"selected": int(len(chosen)), "composition": composition(datasets, chosen)}
+    log.info("%s: selected %d of %d into %s; composition %s", title, len(chosen), len(pool), out / SELECTED_FILE,
+             summary["composition"])
     return summary
 
 
