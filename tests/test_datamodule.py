@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from rose_pl.data.chat import IGNORE_INDEX
+from rose_pl.data.encoding import IGNORE_INDEX
 from rose_pl.data.datamodule import FeatureDataModule, SFTDataModule
 from rose_pl.data.samplers import LengthGroupedSampler
 from rose_pl.errors import ConfigError, DataFormatError
@@ -71,7 +71,7 @@ def test_train_batches_carry_row_indices_and_assistant_labels(tmp_path, tokenize
         assert set(batch) == {"input_ids", "attention_mask", "labels", "index"}
         for row, index in zip(batch["labels"], batch["index"].tolist()):
             text = dm.tokenizer.decode(row[row != IGNORE_INDEX])
-            assert text == f"a{index}</s>"
+            assert text == f"a{index}</s>\n"
         seen += batch["index"].tolist()
     assert sorted(seen) == list(range(40))
     assert 0 <= dm.padding_fraction < 0.5
@@ -88,20 +88,36 @@ def test_train_sampler_follows_the_trainers_world(tmp_path, tokenizer_dir):
     assert type(sampler) is DistributedSampler and sampler.num_replicas == 2 and sampler.shuffle
 
 
+def headers_only_row(content="lost"):
+    """A row whose chat headers alone (system + user + assistant, 36 byte tokens) outgrow max_seq_length=30:
+    cutting the prompt cannot save it. A plain prompt/completion row needs 24 + its answer."""
+    return {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x" * 100},
+                         {"role": "assistant", "content": content}]}
+
+
+def test_a_long_prompt_loses_prompt_tokens_not_the_row(tmp_path, tokenizer_dir):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(json.dumps({"prompt": "x" * 100, "completion": "kept"}) + "\n")
+    dm = SFTDataModule(str(pool), tokenizer_dir, max_seq_length=30, on_empty="error")
+    dm.setup("fit")
+    (row,) = dm.train_dataset.features
+    assert len(row["input_ids"]) == 30 and dm.tokenizer.decode(row["labels"][row["labels"] >= 0]) == "kept</s>\n"
+
+
 def test_empty_loss_row_raises_naming_file_and_line(tmp_path, tokenizer_dir):
     pool = tmp_path / "pool.jsonl"
-    rows = [{"prompt": "short", "completion": "ok"}, {"prompt": "x" * 100, "completion": "lost"}]
+    rows = [{"prompt": "short", "completion": "ok"}, headers_only_row()]
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dm = SFTDataModule(str(pool), tokenizer_dir, max_seq_length=64)
-    with pytest.raises(DataFormatError, match=re.escape(f"{pool}, line 2: id 'pool_1': no assistant token")):
+    dm = SFTDataModule(str(pool), tokenizer_dir, max_seq_length=30, on_empty="error")
+    with pytest.raises(DataFormatError, match=re.escape(f"{pool}, line 2: id 'pool_1': no loss token")):
         dm.setup("fit")
 
 
 def test_dropped_rows_are_counted_and_reported(tmp_path, tokenizer_dir, caplog):
     pool = tmp_path / "pool.jsonl"
-    rows = [{"prompt": "x" * (100 if i in (1, 4) else 3), "completion": "c"} for i in range(6)]
+    rows = [headers_only_row() if i in (1, 4) else {"prompt": "x" * 100, "completion": "c"} for i in range(6)]
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dm = SFTDataModule(str(pool), tokenizer_dir, max_seq_length=64, on_empty="drop")
+    dm = SFTDataModule(str(pool), tokenizer_dir, max_seq_length=30)  # dropping is the default
     with caplog.at_level("WARNING"):
         dm.setup("fit")
     assert [(d.id, d.where) for d in dm.dropped] == [("pool_1", 2), ("pool_4", 5)]
@@ -142,16 +158,17 @@ def test_feature_preference_rows_carry_task_ids_and_original_indices(tmp_path, t
     assert seen == [5, 4, 3, 2, 1, 0]  # longest prompt first
     for batch in batches:
         for row, index in zip(batch["rejected_labels"], batch["index"].tolist()):
-            assert dm.tokenizer.decode(row[row != IGNORE_INDEX]) == f"bad {index}</s>"
+            assert dm.tokenizer.decode(row[row != IGNORE_INDEX]) == f" bad {index}</s>"  # the raw response
 
 
 def test_preference_sft_kind_trains_on_prompt_and_chosen(tmp_path, tokenizer_dir):
-    dm = FeatureDataModule(write_preferences(tmp_path / "prefs.json"), tokenizer_dir, kind="preference_sft")
+    dm = FeatureDataModule(write_preferences(tmp_path / "prefs.json"), tokenizer_dir, kind="preference_sft",
+                           shots_per_task="all")
     batch = next(iter(dm.predict_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels", "index"}
     assert dm.task_ids == ["prefs"] * 6
     row = batch["labels"][0]
-    assert dm.tokenizer.decode(row[row != IGNORE_INDEX]) == f"good {batch['index'][0].item()}</s>"
+    assert dm.tokenizer.decode(row[row != IGNORE_INDEX]) == f"good {batch['index'][0].item()}</s>\n"
 
 
 def test_skip_indices_leave_rows_out_but_keep_indices(tmp_path, tokenizer_dir):
@@ -167,24 +184,26 @@ def test_skip_indices_leave_rows_out_but_keep_indices(tmp_path, tokenizer_dir):
 
 def test_feature_drop_keeps_the_index_space(tmp_path, tokenizer_dir):
     pool = tmp_path / "pool.jsonl"
-    pool.write_text("".join(json.dumps({"prompt": "x" * (90 if i == 2 else 3), "completion": "c"}) + "\n"
+    pool.write_text("".join(json.dumps(headers_only_row() if i == 2 else {"prompt": "x", "completion": "c"}) + "\n"
                             for i in range(5)))
-    dm = FeatureDataModule(str(pool), tokenizer_dir, max_seq_length=64, on_empty="drop")
+    dm = FeatureDataModule(str(pool), tokenizer_dir, max_seq_length=30)
     assert dm.num_examples == 5 and [d.id for d in dm.dropped] == ["pool_2"]
     assert sorted(dm.predict_indices) == [0, 1, 3, 4]
 
 
 def test_fingerprint_changes_with_bytes_and_settings(tmp_path, tokenizer_dir):
     path = write_preferences(tmp_path / "prefs.json")
-    base = FeatureDataModule(path, tokenizer_dir, kind="preference").fingerprint()
-    assert base == FeatureDataModule(path, tokenizer_dir, kind="preference").fingerprint()
-    others = [FeatureDataModule(path, tokenizer_dir, kind="preference_sft"),
-              FeatureDataModule(path, tokenizer_dir, kind="preference", max_seq_length=100),
-              FeatureDataModule(path, tokenizer_dir, kind="preference", shots_per_task=2),
-              FeatureDataModule(path, tokenizer_dir, kind="preference", all_pairs=True)]
-    assert len({base} | {dm.fingerprint() for dm in others}) == 5
+    def fp(**kw):
+        return FeatureDataModule(path, tokenizer_dir, **{"kind": "preference", "shots_per_task": 2, **kw}).fingerprint()
+
+    base = fp()
+    assert base == fp()
+    others = [fp(kind="preference_sft"), fp(max_seq_length=1000), fp(shots_per_task=3), fp(all_pairs=True),
+              fp(preference_format="chat"), fp(max_prompt_length=100), fp(prompt_truncation="keep_end"),
+              fp(chat_template="chatml"), fp(on_invalid_pair="drop")]
+    assert len({base} | set(others)) == 1 + len(others)
     write_preferences(tmp_path / "prefs.json", n_tasks=2)
-    assert FeatureDataModule(path, tokenizer_dir, kind="preference").fingerprint() != base
+    assert fp() != base
 
 
 def test_shared_rose_preferences_featurize(rose_validation_dir, tokenizer_dir):

@@ -135,7 +135,17 @@ def test_rose_json_tasks_follow_shots_per_task_in_file_order(tmp_path):
     rows = read_preferences(path, shots_per_task=2)
     assert [r.task for r in rows] == ["toy_2_shot/0"] * 2 + ["toy_2_shot/1"] * 2 + ["toy_2_shot/2"] * 2
     assert rows[3] == PreferenceExample("toy_2_shot_3", "toy_2_shot/1", "Q3", "good 3", "bad 3")
-    assert {r.task for r in read_preferences(path)} == {"toy_2_shot"}
+    assert {r.task for r in read_preferences(path, shots_per_task="all")} == {"toy_2_shot"}
+
+
+def test_rose_json_without_shots_per_task_is_refused_naming_the_file_and_the_likely_value(tmp_path):
+    path = tmp_path / "se_2_shot_preference.json"
+    path.write_text(json.dumps({f"Q{i}": rose_entry() for i in range(4)}))
+    with pytest.raises(ConfigError, match=re.escape(str(path))) as info:
+        read_preferences(path)
+    assert "shots_per_task: 2" in str(info.value) and "'all'" in str(info.value)
+    with pytest.raises(ConfigError, match="not a positive integer or 'all'"):
+        read_preferences(path, shots_per_task="some")
 
 
 def test_rose_json_row_count_not_divisible_by_shots_raises(tmp_path):
@@ -161,7 +171,7 @@ def test_rose_json_bad_pair_indices_raise_naming_the_pair(tmp_path, pairs):
     path = tmp_path / "toy.json"
     path.write_text(json.dumps({"Q": rose_entry(pairs=pairs)}))
     with pytest.raises(DataFormatError, match=r"toy.json, entry 0 \(key 'Q'\), pairs\[0\]"):
-        read_preferences(path)
+        read_preferences(path, shots_per_task=1)
 
 
 def test_rose_json_duplicate_prompt_raises_naming_it(tmp_path):
@@ -187,7 +197,7 @@ def test_bad_rose_entry_raises_naming_the_key(tmp_path, case):
     path = tmp_path / "toy.json"
     path.write_text(json.dumps({"Good": rose_entry(), "The bad one": entry}))
     with pytest.raises(DataFormatError, match=re.escape(f"{path}, entry 1 (key 'The bad one')")) as info:
-        read_preferences(path)
+        read_preferences(path, shots_per_task=1)
     assert expected in str(info.value)
 
 

@@ -1,9 +1,9 @@
-"""Data: readers and validation, the Tulu chat format with assistant-only labels, collators, samplers,
-DataModules."""
+"""Data: readers and validation, chat templates, token ids with truncation that keeps the loss, collators,
+samplers, DataModules."""
 
-from rose_pl.data.chat import ChatEncoder, EmptyLossError, encode_messages, encode_preference, format_tulu
 from rose_pl.data.collate import PreferenceCollator, SFTCollator
 from rose_pl.data.datamodule import FeatureDataModule, SFTDataModule
+from rose_pl.data.encoding import IGNORE_INDEX, EmptyLossError, Encoder
 from rose_pl.data.formats import (
     Dropped,
     InstructionExample,
@@ -12,22 +12,25 @@ from rose_pl.data.formats import (
     read_preferences,
 )
 from rose_pl.data.samplers import LengthGroupedSampler, LengthSortedSampler, padding_fraction
+from rose_pl.data.templates import ChatTemplate, MarkupTemplate, Piece, get_template
 
 __all__ = [
-    "ChatEncoder",
+    "ChatTemplate",
     "Dropped",
     "EmptyLossError",
+    "Encoder",
     "FeatureDataModule",
+    "IGNORE_INDEX",
     "InstructionExample",
     "LengthGroupedSampler",
     "LengthSortedSampler",
+    "MarkupTemplate",
+    "Piece",
     "PreferenceCollator",
     "PreferenceExample",
     "SFTCollator",
     "SFTDataModule",
-    "encode_messages",
-    "encode_preference",
-    "format_tulu",
+    "get_template",
     "padding_fraction",
     "read_instructions",
     "read_preferences",

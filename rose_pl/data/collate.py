@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from rose_pl.data.chat import IGNORE_INDEX
+from rose_pl.data.encoding import IGNORE_INDEX
 from rose_pl.errors import ConfigError
 
 

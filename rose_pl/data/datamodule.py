@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from typing import Any, Literal, Sequence
 
@@ -12,11 +10,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from rose_pl.data.chat import ChatEncoder, EmptyLossError
 from rose_pl.data.collate import PreferenceCollator, SFTCollator
-from rose_pl.data.formats import Dropped, InstructionExample, read_instructions, read_preferences
+from rose_pl.data.encoding import EmptyLossError, Encoder, PreferenceFormat, PromptTruncation, check_settings
+from rose_pl.data.formats import (
+    Dropped,
+    InstructionExample,
+    ShotsPerTask,
+    check_shots_per_task,
+    read_instructions,
+    read_preferences,
+)
 from rose_pl.data.samplers import LengthGroupedSampler, LengthSortedSampler, padding_fraction
 from rose_pl.errors import ConfigError, DataFormatError
+from rose_pl.files import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +70,19 @@ def _tokenize(path: str, rows: Sequence[tuple[int, Any]], encode, on_empty: str,
     return TokenizedDataset(features, lengths)
 
 
-def _sha256(path: str, **settings) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-def _positive(problems: list[str], **values) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            problems.append(f"{name}: {value!r} is not a positive integer")
-
-
-def _one_of(problems: list[str], name: str, value, allowed: Sequence) -> None:
-    if value not in allowed:
-        problems.append(f"{name}: {value!r} is not one of {list(allowed)}")
+def _common_problems(*, batch_size, num_workers, on_empty, duplicate_ids, max_seq_length, prompt_truncation,
+                     preference_format=None, max_prompt_length=256) -> list[str]:
+    """Problems with the arguments both DataModules take (reported together with the caller's own)."""
+    problems = check_settings(max_seq_length, prompt_truncation, preference_format, max_prompt_length)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f"batch_size: {batch_size!r} is not a positive integer")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        problems.append(f"num_workers: {num_workers!r} is not a non-negative integer")
+    for name, value, allowed in (("on_empty", on_empty, ("error", "drop")),
+                                 ("duplicate_ids", duplicate_ids, ("error", "rename"))):
+        if value not in allowed:
+            problems.append(f"{name}: {value!r} is not one of {list(allowed)}")
+    return problems
 
 
 class _TokenizerDataModule(L.LightningDataModule):
@@ -101,7 +102,7 @@ class _TokenizerDataModule(L.LightningDataModule):
 
 
 class SFTDataModule(_TokenizerDataModule):
-    """Instruction data for (warmup) fine-tuning: Tulu format, assistant-only loss, length-grouped batches."""
+    """Instruction data for (warmup) fine-tuning: chat template, assistant-only loss, length-grouped batches."""
 
     def __init__(
         self,
@@ -115,7 +116,9 @@ class SFTDataModule(_TokenizerDataModule):
         group_by_length: bool = True,
         shuffle_seed: int = 0,
         num_workers: int = 0,
-        on_empty: Literal["error", "drop"] = "error",
+        chat_template: str = "tulu",
+        prompt_truncation: PromptTruncation = "keep_start",
+        on_empty: Literal["error", "drop"] = "drop",
         duplicate_ids: Literal["error", "rename"] = "error",
     ):
         """
@@ -123,25 +126,24 @@ class SFTDataModule(_TokenizerDataModule):
             train_file: Instruction pool to train on (.jsonl or .json; messages or prompt/completion rows).
             tokenizer: Model name or path whose tokenizer to use (hub id, local folder or embedded name).
             val_file: Optional instruction file for validation loss.
-            max_seq_length: Tokens kept per example; longer examples are right-truncated.
+            max_seq_length: Tokens kept per example; longer ones lose prompt tokens first, then their end.
             batch_size: Examples per batch on each device.
             subset_fraction: Train on a seeded random fraction of the pool (e.g. 0.05 for warmup); None uses all.
             subset_seed: Seed of the subset draw.
             group_by_length: Batch examples of similar length together (less padding).
             shuffle_seed: Seed of the training order (plus the epoch).
             num_workers: DataLoader worker processes.
-            on_empty: What to do with an example whose loss tokens are all truncated away: error, or drop and report.
-            duplicate_ids: What to do with rows that repeat an id: error, or rename them (id#2, ...) and report.
+            chat_template: Chat format: tulu (LESS/ROSE), chatml, tokenizer (the tokenizer's own) or an import path.
+            prompt_truncation: Which end of a too-long prompt to keep: keep_start or keep_end.
+            on_empty: A row with no loss token left after truncation: drop it (logged and counted) or error.
+            duplicate_ids: Rows that repeat an id: error, or rename them (id#2, ...) and report.
         """
         super().__init__()
-        problems: list[str] = []
-        _positive(problems, max_seq_length=max_seq_length, batch_size=batch_size)
+        problems = _common_problems(batch_size=batch_size, num_workers=num_workers, on_empty=on_empty,
+                                    duplicate_ids=duplicate_ids, max_seq_length=max_seq_length,
+                                    prompt_truncation=prompt_truncation)
         if subset_fraction is not None and not 0 < subset_fraction <= 1:
             problems.append(f"subset_fraction: {subset_fraction!r} is not in (0, 1]")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            problems.append(f"num_workers: {num_workers!r} is not a non-negative integer")
-        _one_of(problems, "on_empty", on_empty, ("error", "drop"))
-        _one_of(problems, "duplicate_ids", duplicate_ids, ("error", "rename"))
         if problems:
             raise ConfigError(problems)
         self.save_hyperparameters()
@@ -158,12 +160,18 @@ class SFTDataModule(_TokenizerDataModule):
         self._restored_state: dict | None = None
         self._fingerprint: str | None = None
 
+    def encoder(self) -> Encoder:
+        """The encoder of these settings (tokenizer loaded on first use)."""
+        hp = self.hparams
+        return Encoder(self.tokenizer, hp.max_seq_length, hp.chat_template, hp.prompt_truncation,
+                       preference_format=None)
+
     def setup(self, stage: str | None = None) -> None:
         """Read, subset and tokenize (once; a second call is free)."""
         hp = self.hparams
         if self.train_dataset is None:
             self._fingerprint = self.fingerprint()  # of the bytes about to be read
-            encoder = ChatEncoder(self.tokenizer, hp.max_seq_length)
+            encoder = self.encoder()
             self.train_examples = read_instructions(hp.train_file, hp.duplicate_ids)
             rows = list(enumerate(self.train_examples))
             if hp.subset_fraction is not None:
@@ -225,9 +233,10 @@ class SFTDataModule(_TokenizerDataModule):
         if self._fingerprint is not None:
             return self._fingerprint
         hp = self.hparams
-        return _sha256(hp.train_file, tokenizer=self.tokenizer_name, max_seq_length=hp.max_seq_length,
-                            subset_fraction=hp.subset_fraction, subset_seed=hp.subset_seed,
-                            on_empty=hp.on_empty, duplicate_ids=hp.duplicate_ids)
+        return file_digest(hp.train_file, dict(
+            tokenizer=self.tokenizer_name, max_seq_length=hp.max_seq_length, chat_template=hp.chat_template,
+            prompt_truncation=hp.prompt_truncation, subset_fraction=hp.subset_fraction, subset_seed=hp.subset_seed,
+            on_empty=hp.on_empty, duplicate_ids=hp.duplicate_ids))
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in Lightning checkpoints so a resumed fit can check it trains on the same rows."""
@@ -259,10 +268,14 @@ class FeatureDataModule(_TokenizerDataModule):
         kind: Literal["sft", "preference", "preference_sft"] = "sft",
         max_seq_length: int = 2048,
         batch_size: int = 8,
-        shots_per_task: int | None = None,
+        shots_per_task: ShotsPerTask = None,
         all_pairs: bool = False,
         num_workers: int = 0,
-        on_empty: Literal["error", "drop"] = "error",
+        chat_template: str = "tulu",
+        prompt_truncation: PromptTruncation = "keep_start",
+        preference_format: PreferenceFormat = "rose",
+        max_prompt_length: int = 256,
+        on_empty: Literal["error", "drop"] = "drop",
         on_invalid_pair: Literal["error", "drop"] = "error",
         duplicate_ids: Literal["error", "rename"] = "error",
     ):
@@ -271,28 +284,36 @@ class FeatureDataModule(_TokenizerDataModule):
             data_file: Instruction pool (kind sft) or preference set (kinds preference, preference_sft).
             tokenizer: Model name or path whose tokenizer to use (hub id, local folder or embedded name).
             kind: sft: instruction rows; preference: chosen/rejected pairs; preference_sft: prompt + chosen as SFT.
-            max_seq_length: Tokens kept per sequence; longer sequences are right-truncated.
+            max_seq_length: Tokens kept per sequence (see prompt_truncation and preference_format).
             batch_size: Examples per batch on each device.
-            shots_per_task: Preference JSON: consecutive rows per task (row i is task i // k); None: one task.
+            shots_per_task: ROSE JSON preference files: consecutive rows per task (row i is task i // k), or
+                'all' for one task; required for that form, which names no tasks.
             all_pairs: Preference JSON: one example per [winner, loser] pair instead of sft/rejected target.
             num_workers: DataLoader worker processes.
-            on_empty: What to do with a row whose loss tokens are all truncated away: error, or drop and report.
+            chat_template: Chat format of instruction rows and of chat-formatted pairs: tulu, chatml, tokenizer
+                (the tokenizer's own) or an import path.
+            prompt_truncation: Which end of a too-long prompt to keep: keep_start (ROSE's default) or keep_end
+                (what the ROSE authors chose for HH).
+            preference_format: Pairs (kind preference) as the ROSE authors tokenize them for DPO (rose: raw
+                prompt + EOS, raw response + EOS) or through the chat template (chat).
+            max_prompt_length: rose format: the prompt is cut to this many tokens when the pair is too long.
+            on_empty: A row with no loss token left after truncation: drop it (logged, counted; its features
+                stay empty and it is never selected) or error.
             on_invalid_pair: Preference pairs with an empty side or chosen == rejected: error, or drop and report.
             duplicate_ids: Instruction rows that repeat an id: error, or rename them (id#2, ...) and report.
         """
         super().__init__()
-        problems: list[str] = []
-        _one_of(problems, "kind", kind, ("sft", "preference", "preference_sft"))
-        _positive(problems, max_seq_length=max_seq_length, batch_size=batch_size)
-        if shots_per_task is not None:
-            _positive(problems, shots_per_task=shots_per_task)
+        problems = _common_problems(batch_size=batch_size, num_workers=num_workers, on_empty=on_empty,
+                                    duplicate_ids=duplicate_ids, max_seq_length=max_seq_length,
+                                    prompt_truncation=prompt_truncation, max_prompt_length=max_prompt_length,
+                                    preference_format=preference_format if kind == "preference" else None)
+        if kind not in ("sft", "preference", "preference_sft"):
+            problems.append(f"kind: {kind!r} is not one of ['sft', 'preference', 'preference_sft']")
+        problems += [p for p in [check_shots_per_task(shots_per_task)] if p]
         if kind == "sft" and (shots_per_task is not None or all_pairs):
             problems.append("shots_per_task and all_pairs apply to preference files, not kind='sft'")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            problems.append(f"num_workers: {num_workers!r} is not a non-negative integer")
-        _one_of(problems, "on_empty", on_empty, ("error", "drop"))
-        _one_of(problems, "on_invalid_pair", on_invalid_pair, ("error", "drop"))
-        _one_of(problems, "duplicate_ids", duplicate_ids, ("error", "rename"))
+        if on_invalid_pair not in ("error", "drop"):
+            problems.append(f"on_invalid_pair: {on_invalid_pair!r} is not one of ['error', 'drop']")
         if problems:
             raise ConfigError(problems)
         self.save_hyperparameters()
@@ -307,6 +328,25 @@ class FeatureDataModule(_TokenizerDataModule):
         """Row indices to leave out of `predict_dataloader` (set before calling it; a resumed run's finished rows)."""
         self.dataset: TokenizedDataset | None = None
         self._fingerprint: str | None = None
+
+    def encoder(self) -> Encoder:
+        """The encoder of these settings (tokenizer loaded on first use)."""
+        hp = self.hparams
+        pairs = hp.kind == "preference"
+        return Encoder(self.tokenizer, hp.max_seq_length, hp.chat_template, hp.prompt_truncation,
+                       hp.preference_format if pairs else None, hp.max_prompt_length)
+
+    def read(self) -> tuple[list, list[Dropped]]:
+        """Read and validate the file, without the tokenizer: (rows in file order, pairs dropped as invalid).
+        Sets `task_ids`."""
+        hp = self.hparams
+        if hp.kind == "sft":
+            return read_instructions(hp.data_file, hp.duplicate_ids), []
+        drops: list[Dropped] = []
+        preferences = read_preferences(hp.data_file, hp.shots_per_task, hp.all_pairs,
+                                       on_invalid_pair=hp.on_invalid_pair, dropped=drops)
+        self.task_ids = [p.task for p in preferences]
+        return (preferences if hp.kind == "preference" else [p.as_instruction() for p in preferences]), drops
 
     @property
     def num_examples(self) -> int:
@@ -332,20 +372,13 @@ class FeatureDataModule(_TokenizerDataModule):
             return
         hp = self.hparams
         self._fingerprint = self.fingerprint()  # of the bytes about to be read
-        encoder = ChatEncoder(self.tokenizer, hp.max_seq_length)
-        if hp.kind == "sft":
-            self.examples = read_instructions(hp.data_file, hp.duplicate_ids)
-            encode = lambda e: encoder.encode_messages(e.messages)  # noqa: E731
+        encoder = self.encoder()
+        self.examples, invalid = self.read()
+        self.dropped += invalid
+        if hp.kind == "preference":
+            encode = encoder.encode_preference
         else:
-            preferences = read_preferences(hp.data_file, hp.shots_per_task, hp.all_pairs,
-                                           on_invalid_pair=hp.on_invalid_pair, dropped=self.dropped)
-            self.task_ids = [p.task for p in preferences]
-            if hp.kind == "preference":
-                self.examples = preferences
-                encode = encoder.encode_preference
-            else:
-                self.examples = [p.as_instruction() for p in preferences]
-                encode = lambda e: encoder.encode_messages(e.messages)  # noqa: E731
+            encode = lambda e: encoder.encode_messages(e.messages)  # noqa: E731
         self.dataset = _tokenize(hp.data_file, list(enumerate(self.examples)), encode, hp.on_empty, self.dropped)
 
     def _sampler(self) -> LengthSortedSampler:
@@ -371,7 +404,14 @@ class FeatureDataModule(_TokenizerDataModule):
         """sha256 over the file bytes and every setting that changes the rows or their tokens (fixed at setup)."""
         if self._fingerprint is not None:
             return self._fingerprint
+        return file_digest(self.hparams.data_file, self.settings())
+
+    def settings(self) -> dict:
+        """Everything besides the file's bytes that changes the rows or their tokens (stored with features)."""
         hp = self.hparams
-        return _sha256(hp.data_file, kind=hp.kind, max_seq_length=hp.max_seq_length,
-                            tokenizer=self.tokenizer_name, shots_per_task=hp.shots_per_task, all_pairs=hp.all_pairs,
-                            on_empty=hp.on_empty, on_invalid_pair=hp.on_invalid_pair, duplicate_ids=hp.duplicate_ids)
+        keys = ("kind", "max_seq_length", "chat_template", "prompt_truncation", "on_empty", "duplicate_ids")
+        if hp.kind != "sft":
+            keys += ("shots_per_task", "all_pairs", "on_invalid_pair")
+        if hp.kind == "preference":
+            keys += ("preference_format", "max_prompt_length")
+        return {"file": str(hp.data_file), "tokenizer": self.tokenizer_name, **{k: hp[k] for k in keys}}

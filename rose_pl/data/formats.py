@@ -12,22 +12,32 @@ Defaults: dataset = file stem, id = f"{dataset}_{row}" with row the 0-based row 
 Preference sets:
   JSON object (ROSE): {prompt: {"responses", "pairs", "sft_target", "rejected_target"}}. Chosen/rejected are
     sft_target/rejected_target, or with `all_pairs` every [winner, loser] index pair. The file names no
-    tasks: with `shots_per_task=k` row i (file order) belongs to task f"{stem}/{i // k}"; with None the
-    whole file is the task `stem`. Ids are f"{stem}_{i}" (f"{stem}_{i}_{j}" for pair j with `all_pairs`).
+    tasks, so `shots_per_task` is required: with k, row i (file order) belongs to task f"{stem}/{i // k}";
+    with "all" the whole file is the one task `stem`. Left unset, the file is refused: a silent single task
+    would turn Eq. 7's max over tasks into a plain mean. Ids are f"{stem}_{i}" (f"{stem}_{i}_{j}" for pair j
+    with `all_pairs`).
   JSONL (or a JSON list) of {"prompt", "chosen", "rejected", "task"} (+ optional "id"): the task is explicit.
+
+Golden-answer test sets (the ROSE paper's test files, e.g. se_academia.json):
+  JSONL or a JSON list of {"prompt", "golden_answer"} (+ optional "id", "task"). Ids default to f"{stem}_{row}",
+  tasks to the file stem.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Union
 
 from rose_pl.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
+
+ShotsPerTask = Union[int, Literal["all"], None]
+"""Rows per task of a ROSE JSON preference file: k (row i is task i // k), "all" (one task), None (unset)."""
 
 ROLES = ("system", "user", "assistant")
 
@@ -42,6 +52,11 @@ class InstructionExample:
     raw: dict
     where: int | str | None = field(default=None, compare=False)
     """Line (JSONL) or entry (JSON) of the row, for error messages."""
+
+    @property
+    def text(self) -> str:
+        """Plain text of all turns, roles dropped (lexical matching, reports)."""
+        return "\n".join(m["content"] for m in self.messages)
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,18 @@ class PreferenceExample:
         messages = [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.chosen}]
         raw = {"dataset": self.task, "id": self.id, "messages": messages}
         return InstructionExample(self.task, self.id, [dict(m) for m in messages], raw, self.where)
+
+
+@dataclass(frozen=True)
+class GoldenExample:
+    """A test prompt with the reference answer a judge compares the model's answer with."""
+
+    id: str
+    task: str
+    prompt: str
+    golden_answer: str
+    where: int | str | None = field(default=None, compare=False)
+    """Line (JSONL) or entry (JSON) of the row, for error messages."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +215,8 @@ def read_instructions(
     path = Path(path)
     if duplicate_ids not in ("error", "rename"):
         raise ConfigError(f"duplicate_ids: {duplicate_ids!r} is not 'error' or 'rename'")
+    if not path.is_file():
+        raise DataFormatError(path, None, "no such file")
     stem = path.stem
     examples: list[InstructionExample] = []
     ids: dict[str, int | str | None] = {}
@@ -236,10 +265,10 @@ def _pair_problem(chosen: str, rejected: str) -> str | None:
     return None
 
 
-def _rose_entries(path: Path, data: dict, shots_per_task: int | None, all_pairs: bool):
+def _rose_entries(path: Path, data: dict, shots_per_task: int | str, all_pairs: bool):
     """Yield (where, id, task, prompt, chosen, rejected) from the ROSE prompt -> entry object."""
     stem = path.stem
-    if shots_per_task is not None and len(data) % shots_per_task:
+    if shots_per_task != "all" and len(data) % shots_per_task:
         raise DataFormatError(
             path, None, f"{len(data)} rows is not a multiple of shots_per_task={shots_per_task}: tasks would be ragged"
         )
@@ -248,7 +277,7 @@ def _rose_entries(path: Path, data: dict, shots_per_task: int | None, all_pairs:
         _nonblank(path, where, prompt, "prompt")
         if not isinstance(entry, dict):
             raise DataFormatError(path, where, f"value must be an object, got {type(entry).__name__}")
-        task = stem if shots_per_task is None else f"{stem}/{i // shots_per_task}"
+        task = stem if shots_per_task == "all" else f"{stem}/{i // shots_per_task}"
         chosen = _field(path, where, entry, "sft_target", str)
         rejected = _field(path, where, entry, "rejected_target", str)
         responses = _field(path, where, entry, "responses", list, required=all_pairs)
@@ -291,9 +320,23 @@ def _row_entries(path: Path, default_task: str | None):
         yield where, id_ if id_ is not None else f"{path.stem}_{row_number}", task, prompt, chosen, rejected
 
 
+def check_shots_per_task(value: Any) -> str | None:
+    """The problem with a `shots_per_task` value, or None (a positive integer, "all" or None)."""
+    if value is None or value == "all":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"shots_per_task: {value!r} is not a positive integer or 'all'"
+    return None
+
+
+def _shots_hint(path: Path) -> str:
+    match = re.search(r"_(\d+)_shot", path.name)
+    return f" (the file name suggests shots_per_task: {match.group(1)})" if match else ""
+
+
 def read_preferences(
     path: str | Path,
-    shots_per_task: int | None = None,
+    shots_per_task: ShotsPerTask = None,
     all_pairs: bool = False,
     default_task: str | None = None,
     on_invalid_pair: Literal["error", "drop"] = "error",
@@ -301,21 +344,25 @@ def read_preferences(
 ) -> list[PreferenceExample]:
     """Read a preference set: the ROSE JSON object or JSONL rows with an explicit task (see module docstring).
 
-    `shots_per_task` and `all_pairs` apply to the ROSE JSON form, `default_task` to rows without "task".
-    A pair with an empty side or chosen == rejected is an error, or with `on_invalid_pair="drop"` left out,
-    logged and appended to `dropped` (if given). Task membership is assigned before any drop.
+    `shots_per_task` (required) and `all_pairs` apply to the ROSE JSON form, `default_task` to rows without
+    "task". A pair with an empty side or chosen == rejected is an error, or with `on_invalid_pair="drop"` left
+    out, logged and appended to `dropped` (if given). Task membership is assigned before any drop.
     """
     path = Path(path)
-    problems = []
-    if shots_per_task is not None and (isinstance(shots_per_task, bool) or not isinstance(shots_per_task, int)
-                                       or shots_per_task < 1):
-        problems.append(f"shots_per_task: {shots_per_task!r} is not a positive integer")
+    problems = [p for p in [check_shots_per_task(shots_per_task)] if p]
     if on_invalid_pair not in ("error", "drop"):
         problems.append(f"on_invalid_pair: {on_invalid_pair!r} is not 'error' or 'drop'")
+    if not path.is_file():
+        raise DataFormatError(path, None, "no such file")
     data = _load_json(path) if path.suffix.lower() == ".json" else None
     if isinstance(data, dict):
         if default_task is not None:
             problems.append("default_task: the ROSE JSON form names tasks by shots_per_task, not default_task")
+        if shots_per_task is None:
+            problems.append(
+                f"shots_per_task: {path} is a ROSE JSON preference file, which names no tasks; set shots_per_task "
+                f"to the number of consecutive pairs per task (row i belongs to task i // k; the paper's files are "
+                f"se 2, shp 5, hh 1){_shots_hint(path)}, or to 'all' to make the whole file one task")
         entries = None if problems else _rose_entries(path, data, shots_per_task, all_pairs)
     else:
         for name, value in (("shots_per_task", shots_per_task), ("all_pairs", all_pairs or None)):
@@ -346,4 +393,57 @@ def read_preferences(
             dropped.extend(drops)
     if not examples:
         raise DataFormatError(path, None, "no usable preference pairs")
+    return examples
+
+
+# ---------------------------------------------------------------- test sets
+
+
+def is_rose_object(path: str | Path) -> bool:
+    """Whether a preference file is the ROSE JSON object form ({prompt: entry}), which names no tasks."""
+    path = Path(path)
+    return path.suffix.lower() == ".json" and path.is_file() and isinstance(_load_json(path), dict)
+
+
+def kind_of_test_set(path: str | Path) -> Literal["preference", "golden"]:
+    """Whether a test file holds preference pairs or prompt + golden answer rows (from its first row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, None, "no such file")
+    if path.suffix.lower() == ".json":
+        data = _load_json(path)
+        if isinstance(data, dict):
+            return "preference"  # the ROSE JSON object form
+        first = data[0] if isinstance(data, list) and data else None
+    else:
+        first = next((row for _, row in _rows(path)), None)
+    if not isinstance(first, dict):
+        raise DataFormatError(path, None, "no rows, or the first row is not a JSON object")
+    if "golden_answer" in first:
+        return "golden"
+    if "chosen" in first:
+        return "preference"
+    raise DataFormatError(path, 1 if path.suffix.lower() == ".jsonl" else "entry 0",
+                          "neither a preference pair (prompt, chosen, rejected) nor a golden answer (prompt, "
+                          "golden_answer)")
+
+
+def read_golden_answers(path: str | Path) -> list[GoldenExample]:
+    """Read a prompt + golden-answer test set (.jsonl, or a .json list), validating every row."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, None, "no such file")
+    examples: list[GoldenExample] = []
+    ids: dict[str, int | str | None] = {}
+    for row_number, (where, row) in enumerate(_rows(path)):
+        if not isinstance(row, dict):
+            raise DataFormatError(path, where, f"row must be a JSON object, got {type(row).__name__}")
+        prompt = _nonblank(path, where, _field(path, where, row, "prompt", str), "prompt")
+        golden = _nonblank(path, where, _field(path, where, row, "golden_answer", str), "golden_answer")
+        id_ = _field(path, where, row, "id", str, required=False) or f"{path.stem}_{row_number}"
+        task = _field(path, where, row, "task", str, required=False) or path.stem
+        _check_unique(path, ids, id_, where)
+        examples.append(GoldenExample(id_, task, prompt, golden, where))
+    if not examples:
+        raise DataFormatError(path, None, "no rows")
     return examples
