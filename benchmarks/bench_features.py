@@ -38,13 +38,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from rose_pl.atomic import atomic_write_json
+from rose_pl.files import atomic_write_json
 from rose_pl.config import LoRAArgs
 from rose_pl.errors import ConfigError
-from rose_pl.model import add_lora
-from rose_pl.objectives import IGNORE_INDEX, DPOObjective, SFTObjective
-from rose_pl.per_sample_grads import AdamTransformSink, PerSampleGradients, adam_direction
-from rose_pl.projection import GaussianProjector, NormalizingSink, Projector, build_projector
+from rose_pl.training.model import add_lora
+from rose_pl.features.objectives import IGNORE_INDEX, DPOObjective, SFTObjective
+from rose_pl.features.per_sample_grads import AdamTransformSink, PerSampleGradients, adam_direction
+from rose_pl.features.projection import GaussianProjector, NormalizingSink, Projector, build_projector
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # Llama shapes of the reference numbers; `run` holds each preset's default settings.

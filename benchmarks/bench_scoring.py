@@ -1,7 +1,7 @@
 """Throughput of influence scoring from on-disk fp16 memmaps, and padding of the demo pool's batches.
 
 Scoring: `--checkpoints` training feature files of N x d float16 (random unit rows, written once to
-`--workdir`), scored by `rose_pl.influence.influence_scores` against `--num-val` validation rows per
+`--workdir`), scored by `rose_pl.selection.influence.influence_scores` against `--num-val` validation rows per
 checkpoint in `--num-tasks` tasks. The memmaps are timed cold (each file's pages dropped from the page
 cache with posix_fadvise, which touches no other file) and warm (second pass). Prints rows/s and the
 projected time for `--project-rows` (270K, the size of LESS's Tulu pool).
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rose_pl.influence import influence_scores
+from rose_pl.selection.influence import influence_scores
 
 REPO = Path(__file__).resolve().parents[1]
 WRITE_ROWS = 16384  # rows generated and written per chunk when creating the memmaps
@@ -176,7 +176,7 @@ def parse_args(argv=None):
     if args.num_train is None:
         args.num_train = 270000 if args.device.startswith("cuda") else 50000
     if args.block_size is None:
-        from rose_pl.influence import DEFAULT_BLOCK_SIZE
+        from rose_pl.selection.influence import DEFAULT_BLOCK_SIZE
 
         args.block_size = DEFAULT_BLOCK_SIZE
     return args

@@ -21,10 +21,10 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_features as bf  # noqa: E402
 
-from rose_pl.atomic import atomic_write_json
-from rose_pl.objectives import DPOObjective, SFTObjective  # noqa: E402
-from rose_pl.per_sample_grads import AdamTransformSink, PerSampleGradients  # noqa: E402
-from rose_pl.projection import NormalizingSink  # noqa: E402
+from rose_pl.files import atomic_write_json
+from rose_pl.features.objectives import DPOObjective, SFTObjective  # noqa: E402
+from rose_pl.features.per_sample_grads import AdamTransformSink, PerSampleGradients  # noqa: E402
+from rose_pl.features.projection import NormalizingSink  # noqa: E402
 
 
 class Clock:

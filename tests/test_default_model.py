@@ -15,7 +15,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    from rose_pl.hub import DEFAULT_MODEL, load_causal_lm, load_tokenizer
+    from rose_pl.config import DEFAULT_MODEL
+    from rose_pl.hub import load_causal_lm, load_tokenizer
 
     return load_tokenizer(DEFAULT_MODEL), load_causal_lm(DEFAULT_MODEL, attn_implementation="eager")
 
@@ -33,10 +34,10 @@ def test_batched_per_sample_grads_equal_the_loop_on_the_real_model(smol):
     """Batched per-sample LoRA gradients on SmolLM2 (GQA, tied embeddings) with padding equal a bs=1 loop."""
     from peft import LoraConfig, get_peft_model
 
-    from rose_pl.data.chat import ChatEncoder
+    from rose_pl.data.encoding import Encoder
     from rose_pl.data.collate import SFTCollator
-    from rose_pl.objectives import SFTObjective
-    from rose_pl.per_sample_grads import PerSampleGradients
+    from rose_pl.features.objectives import SFTObjective
+    from rose_pl.features.per_sample_grads import PerSampleGradients
 
     tokenizer, base = smol
     torch.manual_seed(0)
@@ -46,7 +47,7 @@ def test_batched_per_sample_grads_equal_the_loop_on_the_real_model(smol):
             torch.nn.init.normal_(p, std=0.02)  # a zero B would make every A gradient zero
     model.eval()
     rows = [json.loads(line) for line in open("data/pool.jsonl").read().splitlines()[:3]]
-    encoder = ChatEncoder(tokenizer, 96)
+    encoder = Encoder(tokenizer, 96, preference_format=None)
     batch = SFTCollator(tokenizer.pad_token_id)([dict(encoder.encode_messages(r["messages"]), index=i) for i, r in enumerate(rows)])
     assert (batch["attention_mask"] == 0).any(), "the batch should contain padding"
     grads = PerSampleGradients(model).compute(SFTObjective(), batch)
@@ -68,7 +69,7 @@ def test_less_selection_on_the_real_model_concentrates_on_the_validation_domains
     import yaml
 
     from rose_pl.commands import run_argv
-    from rose_pl.hub import DEFAULT_MODEL
+    from rose_pl.config import DEFAULT_MODEL
 
     rows = [json.loads(line) for line in open("data/pool.jsonl").read().splitlines()]
     by_domain = {}
@@ -79,14 +80,17 @@ def test_less_selection_on_the_real_model_concentrates_on_the_validation_domains
     lora = {"r": 8, "alpha": 32, "dropout": 0.0}
     config = {
         "output_dir": str(tmp_path / "run"), "model": DEFAULT_MODEL, "pool": str(tmp_path / "pool.jsonl"),
-        "validation": "data/validation.jsonl", "test": None, "max_seq_length": 256, "methods": ["less", "random"],
-        "warmup": {"fraction": 0.1, "epochs": 1, "batch_size": 2, "lora": lora, "optim": {"lr": 1e-4}},
+        "validation": "data/validation.jsonl", "test": None, "data": {"max_seq_length": 256},
+        "preference": {"max_prompt_length": 128},
+        "methods": ["less", "random"], "scoring": "projected",
+        "warmup": {"fraction": 0.1, "epochs": 1, "batch_size": 2, "accumulate_grad_batches": 1, "lora": lora,
+                   "optim": {"lr": 1e-4}},
         "features": {"dim": 2048, "batch_size": 8}, "selection": {"fraction": 0.1},
         "finetune": {"methods": []}, "trainer": {"accelerator": "cpu", "devices": 1},
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     run_argv(["--config", str(tmp_path / "run.yaml")])
-    picked = [json.loads(line)["dataset"] for line in (tmp_path / "run/selection/less/selected.jsonl").read_text().splitlines()]
+    picked = [json.loads(line)["dataset"] for line in (tmp_path / "run/targets/default/selection/less/selected.jsonl").read_text().splitlines()]
     assert len(picked) == 8
     in_domain = sum(d in ("cooking", "python") for d in picked)
     assert in_domain >= 6, picked

@@ -6,14 +6,16 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from rose_pl.checkpoints import Manifest, WarmupCheckpoint
+from rose_pl.training.checkpoints import Manifest, WarmupCheckpoint
 from rose_pl.config import LoRAArgs, OptimArgs
 from rose_pl.data.datamodule import FeatureDataModule, SFTDataModule
-from rose_pl.gradient_module import GradientFeatureModule
+from rose_pl.features.hidden import HiddenStateModule
+from rose_pl.features.module import GradientFeatureModule
+from rose_pl.features.transforms import AdamDirection
 from rose_pl.hub import load_causal_lm
-from rose_pl.model import LoRACausalLM
-from rose_pl.objectives import DPOObjective, SFTObjective
-from rose_pl.projection import ProjectionCallback
+from rose_pl.training.model import LoRACausalLM
+from rose_pl.features.objectives import DPOObjective, SFTObjective
+from rose_pl.features.projection import ProjectionCallback
 
 LORA = LoRAArgs(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
 ATOL = 1e-5
@@ -45,10 +47,15 @@ def warm(tmp_path_factory, tiny_model_dir):
     return root, pool, prefs
 
 
-def predict(ckpt, data_file, kind, mode, model_dir, inference_mode=False, **module_kw):
-    module = GradientFeatureModule(checkpoint=str(ckpt), mode=mode, model=str(model_dir), **module_kw)
-    dm = FeatureDataModule(str(data_file), str(model_dir), kind=kind, batch_size=3, max_seq_length=64)
-    callbacks = [] if mode == "hidden" else [ProjectionCallback(kind="identity", normalize=False)]
+def predict(ckpt, data_file, kind, model_dir, objective=None, transform=None, hidden=False, inference_mode=False):
+    if hidden:
+        module = HiddenStateModule(checkpoint=str(ckpt), model=str(model_dir))
+    else:
+        module = GradientFeatureModule(checkpoint=str(ckpt), objective=objective, transform=transform,
+                                       model=str(model_dir))
+    dm = FeatureDataModule(str(data_file), str(model_dir), kind=kind, batch_size=3, max_seq_length=64,
+                           max_prompt_length=32)
+    callbacks = [] if hidden else [ProjectionCallback(kind="identity", normalize=False)]
     out = trainer(callbacks=callbacks, inference_mode=inference_mode).predict(module, datamodule=dm)
     index = torch.cat([o["index"] for o in out])
     feats = torch.cat([o["features"] for o in out])
@@ -91,7 +98,7 @@ def all_rows(dm):
 def test_adam_features_equal_a_hand_computation_from_the_saved_state(warm, tiny_model_dir):
     root, pool, _ = warm
     ckpt = Manifest.load(root / "ckpt").get(2)
-    feats, module, dm = predict(ckpt.path, pool, "sft", "sft_adam", tiny_model_dir)
+    feats, module, dm = predict(ckpt.path, pool, "sft", tiny_model_dir, transform=AdamDirection())
     model = peft_from(ckpt.path, tiny_model_dir)
     grads = single_example_grads(model, SFTObjective(), all_rows(dm))
     saved = ckpt.load_optimizer_state()
@@ -109,46 +116,48 @@ def test_adam_features_equal_a_hand_computation_from_the_saved_state(warm, tiny_
 def test_features_do_not_depend_on_the_trainers_inference_mode(warm, tiny_model_dir):
     root, pool, _ = warm
     ckpt = root / "ckpt" / "epoch-1"
-    a, _, _ = predict(ckpt, pool, "sft", "sft", tiny_model_dir, inference_mode=False)
-    b, _, _ = predict(ckpt, pool, "sft", "sft", tiny_model_dir, inference_mode=True)
+    a, _, _ = predict(ckpt, pool, "sft", tiny_model_dir, inference_mode=False)
+    b, _, _ = predict(ckpt, pool, "sft", tiny_model_dir, inference_mode=True)
     torch.testing.assert_close(a, b)
 
 
 def test_dpo_features_equal_single_example_dpo_gradients(warm, tiny_model_dir):
     root, _, prefs = warm
     ckpt = root / "ckpt" / "epoch-2"
-    feats, _, dm = predict(ckpt, prefs, "preference", "dpo", tiny_model_dir, beta=0.5)
+    feats, _, dm = predict(ckpt, prefs, "preference", tiny_model_dir, objective=DPOObjective(beta=0.5))
     expected = single_example_grads(peft_from(ckpt, tiny_model_dir), DPOObjective(beta=0.5), all_rows(dm))
     torch.testing.assert_close(feats, expected, atol=ATOL, rtol=1e-4)
-    noref, _, _ = predict(ckpt, prefs, "preference", "dpo_noref", tiny_model_dir)
+    noref, _, _ = predict(ckpt, prefs, "preference", tiny_model_dir, objective=DPOObjective(reference="none"))
     normalize = torch.nn.functional.normalize
     torch.testing.assert_close(normalize(feats, dim=1), normalize(noref, dim=1), atol=1e-5, rtol=1e-4)
 
 
-def test_hidden_mode_gives_unit_mean_hidden_states(warm, tiny_model_dir):
+def test_hidden_state_module_gives_unit_mean_hidden_states(warm, tiny_model_dir):
     root, pool, _ = warm
-    feats, _, _ = predict(root / "ckpt" / "epoch-2", pool, "sft", "hidden", tiny_model_dir)
+    feats, _, _ = predict(root / "ckpt" / "epoch-2", pool, "sft", tiny_model_dir, hidden=True)
     assert feats.shape == (10, 32)
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(10))
 
 
-def test_a_mode_that_does_not_fit_the_data_kind_is_refused(warm, tiny_model_dir):
+def test_an_objective_that_does_not_fit_the_data_kind_is_refused(warm, tiny_model_dir):
     from rose_pl.errors import ConfigError
 
     root, pool, _ = warm
     with pytest.raises(ConfigError, match="preference"):
-        predict(root / "ckpt" / "epoch-1", pool, "sft", "dpo", tiny_model_dir)
+        predict(root / "ckpt" / "epoch-1", pool, "sft", tiny_model_dir, objective=DPOObjective())
 
 
 def predict_config(out, ckpt, data_file, model_dir) -> dict:
     return {
         "trainer": {"accelerator": "cpu", "logger": False, "inference_mode": False, "enable_progress_bar": False,
                     "callbacks": [
-                        {"class_path": "rose_pl.projection.ProjectionCallback", "init_args": {"kind": "countsketch", "dim": 64}},
-                        {"class_path": "rose_pl.store.FeatureStoreWriter", "init_args": {"output_dir": str(out), "dtype": "float32"}},
+                        {"class_path": "rose_pl.features.projection.ProjectionCallback", "init_args": {"kind": "countsketch", "dim": 64}},
+                        {"class_path": "rose_pl.features.store.FeatureStoreWriter", "init_args": {"output_dir": str(out), "dtype": "float32"}},
                     ]},
-        "model": {"class_path": "rose_pl.gradient_module.GradientFeatureModule",
-                  "init_args": {"checkpoint": str(ckpt), "mode": "sft_adam", "model": str(model_dir)}},
+        "model": {"class_path": "rose_pl.features.module.GradientFeatureModule",
+                  "init_args": {"checkpoint": str(ckpt), "model": str(model_dir),
+                                "objective": {"class_path": "rose_pl.features.objectives.SFTObjective"},
+                                "transform": {"class_path": "rose_pl.features.transforms.AdamDirection"}}},
         "data": {"class_path": "rose_pl.data.datamodule.FeatureDataModule",
                  "init_args": {"data_file": str(data_file), "tokenizer": str(model_dir), "batch_size": 3, "max_seq_length": 64}},
         "return_predictions": False,
@@ -162,7 +171,7 @@ def test_ddp_predict_through_the_cli_writes_the_same_store_as_one_process(warm, 
 
     import yaml
 
-    from rose_pl.store import FeatureStore
+    from rose_pl.features.store import FeatureStore
 
     root, pool, _ = warm
     stores = {}

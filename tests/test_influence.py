@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rose_pl.errors import ConfigError, DataFormatError, StoreMismatchError
-from rose_pl.influence import (
+from rose_pl.selection.influence import (
     SCORES_ARRAYS_FILE,
     SCORES_META_FILE,
     check_store_metas,
@@ -130,7 +130,7 @@ def test_requested_cuda_without_cuda_is_an_error_not_a_fallback(problem):
 
 
 def test_auto_device_is_logged(problem, caplog):
-    with caplog.at_level("INFO", logger="rose_pl.influence"):
+    with caplog.at_level("INFO", logger="rose_pl.selection.influence"):
         result = influence_scores(*problem, device=None)
     assert "chosen automatically" in caplog.text
     assert "renormalized" in caplog.text
@@ -148,10 +148,23 @@ def test_store_metadata_checks_list_every_mismatch():
     with pytest.raises(StoreMismatchError) as info:
         check_store_metas(train, val, ["t0", "t1", "t2"], ["v0", "v1", "v2"])
     text = str(info.value)
-    assert "projector.seed 1 (t1) != 0 (v1)" in text
-    assert "projector.kind 'countsketch' (t2) != 'gaussian' (v2)" in text
+    assert "projector.seed: t1 1, v1 0" in text
+    assert "projector.kind: t2 'countsketch', v2 'gaussian'" in text
     assert "checkpoint 'epoch2' (t2) != 'epoch3' (v2)" in text
     assert "same checkpoint" in text
+
+
+def test_store_metadata_checks_compare_the_parameter_layout_and_the_normalization():
+    def meta(ckpt, **projector):
+        out = _meta(ckpt)
+        out["projector"].update({"layout_hash": "abc", "normalize": True, "input_dim": 100}, **projector)
+        return out
+
+    check_store_metas([meta("e1")], [meta("e1")], ["t0"], ["v0"])
+    with pytest.raises(StoreMismatchError, match="projector.layout_hash: t0 'abc', v0 'other'"):
+        check_store_metas([meta("e1")], [meta("e1", layout_hash="other")], ["t0"], ["v0"])
+    with pytest.raises(StoreMismatchError, match="projector.normalize: t0 True, v0 False"):
+        check_store_metas([meta("e1")], [meta("e1", normalize=False)], ["t0"], ["v0"])
 
 
 def test_compatible_store_metadata_passes():
@@ -193,7 +206,7 @@ def test_save_scores_rejects_wrong_id_count_and_load_rejects_incomplete(problem,
 
 # ---- against real FeatureStore folders ---------------------------------------------------------------
 def _store(path, rows, checkpoint, seed=0, excluded=()):
-    from rose_pl.store import FeatureStore
+    from rose_pl.features.store import FeatureStore
 
     meta = {"module": {"checkpoint": checkpoint}, "projector": {"kind": "countsketch", "dim": rows.shape[1], "seed": seed},
             "dataset_fingerprint": "x"}

@@ -10,11 +10,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from rose_pl.checkpoints import Manifest, WarmupCheckpoint, resolve_checkpoint
+from rose_pl.training.checkpoints import Manifest, WarmupCheckpoint, resolve_checkpoint
 from rose_pl.config import LoRAArgs, OptimArgs
 from rose_pl.data.datamodule import SFTDataModule
 from rose_pl.errors import ConfigError
-from rose_pl.model import LoRACausalLM, lr_lambda
+from rose_pl.training.model import LoRACausalLM, lr_lambda
 
 TINY_LORA = LoRAArgs(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
 
@@ -95,9 +95,9 @@ DDP_SCRIPT = textwrap.dedent("""
     import sys, torch, lightning.pytorch as pl
     sys.path.insert(0, {tests!r})
     from test_model import TINY_LORA
-    from rose_pl.model import LoRACausalLM
+    from rose_pl.training.model import LoRACausalLM
     from rose_pl.config import OptimArgs
-    from rose_pl.checkpoints import WarmupCheckpoint
+    from rose_pl.training.checkpoints import WarmupCheckpoint
     from rose_pl.data.datamodule import SFTDataModule
     devices, batch, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     pl.seed_everything(0)

@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from rose_pl.testing import random_sft_batch, token_rows
-from rose_pl.objectives import (
+from rose_pl.features.objectives import (
     IGNORE_INDEX,
     DPOObjective,
     SFTObjective,

@@ -8,8 +8,10 @@ from torch import nn
 
 from rose_pl.testing import random_sft_batch, token_rows
 from rose_pl.errors import CheckpointError
-from rose_pl.objectives import IGNORE_INDEX, DPOObjective, PerSampleLoss, SFTObjective
-from rose_pl.per_sample_grads import AdamTransformSink, ConcatSink, PerSampleGradients, adam_direction
+from rose_pl.features.objectives import IGNORE_INDEX, DPOObjective, PerSampleLoss, SFTObjective
+from rose_pl.features.per_sample_grads import PerSampleGradients
+from rose_pl.features.projection import IdentityProjector
+from rose_pl.features.transforms import AdamTransformSink, adam_direction
 from rose_pl.testing import tiny_llama
 
 # Batched fp32 against a float64 single-example loop.
@@ -53,7 +55,7 @@ def _trim(ids, mask, labels, i):
 
 
 def _hf_summed_logprob(model, ids, labels):
-    """Reference independent of rose_pl.objectives: Hugging Face's own loss times the token count."""
+    """Reference independent of rose_pl.features.objectives: Hugging Face's own loss times the token count."""
     return -model(input_ids=ids, labels=labels).loss * (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
@@ -117,21 +119,34 @@ def test_batched_dpo_grads_equal_single_example_loop():
     assert_grads_close(grads, loop_grads(model, [sample_loss(i) for i in range(3)]))
 
 
-class RecordingSink(ConcatSink):
+def ConcatSink(psg):
+    """The concatenated per-sample gradient in `psg.names` order (the identity projection)."""
+    sink = IdentityProjector()
+    sink.setup({n: psg.parameters[n].shape for n in psg.names}, "cpu")
+    return sink
+
+
+class RecordingSink:
+    def __init__(self, psg):
+        self.inner = ConcatSink(psg)
+
     def begin(self, num_samples, device):
-        super().begin(num_samples, device)
+        self.inner.begin(num_samples, device)
         self.calls = []
 
     def add(self, name, grad):
         self.calls.append((name, tuple(grad.shape), grad.dtype))
-        super().add(name, grad)
+        self.inner.add(name, grad)
+
+    def finish(self):
+        return self.inner.finish()
 
 
 def test_sink_path_equals_dict_path():
     model = lora_model()
     psg = PerSampleGradients(model)
     grads = psg.compute(SFTObjective(), sft_batch())
-    sink = RecordingSink(psg.names)
+    sink = RecordingSink(psg)
     features = psg.compute(SFTObjective(), sft_batch(), sink=sink)
     assert sorted(c[0] for c in sink.calls) == sorted(psg.names)  # each parameter exactly once
     assert all(c[1] == (4, *psg.parameters[c[0]].shape) and c[2] == torch.float32 for c in sink.calls)
@@ -153,7 +168,7 @@ def test_adam_transform_sink_equals_hand_computation():
         n: (torch.randn(p.shape, generator=gen), torch.rand(p.shape, generator=gen)) for n, p in psg.parameters.items()
     }
     b1, b2, eps = 0.8, 0.95, 1e-6
-    sink = AdamTransformSink(ConcatSink(psg.names), state, b1, b2, eps)
+    sink = AdamTransformSink(ConcatSink(psg), state, b1, b2, eps)
     features = psg.compute(SFTObjective(), sft_batch(), sink=sink)
     expected = []
     for name, g in grads.items():
@@ -162,7 +177,7 @@ def test_adam_transform_sink_equals_hand_computation():
     torch.testing.assert_close(features, torch.cat(expected, dim=1))
     missing = {n: s for n, s in state.items() if n != psg.names[0]}
     with pytest.raises(CheckpointError, match="no Adam state"):
-        psg.compute(SFTObjective(), sft_batch(), sink=AdamTransformSink(ConcatSink(psg.names), missing, b1, b2, eps))
+        psg.compute(SFTObjective(), sft_batch(), sink=AdamTransformSink(ConcatSink(psg), missing, b1, b2, eps))
 
 
 def test_dpo_features_equal_after_normalization_for_reference_and_beta():
@@ -171,7 +186,7 @@ def test_dpo_features_equal_after_normalization_for_reference_and_beta():
     psg = PerSampleGradients(model)
 
     def features(objective):
-        return psg.compute(objective, batch, sink=ConcatSink(psg.names))
+        return psg.compute(objective, batch, sink=ConcatSink(psg))
 
     low, high = features(DPOObjective(beta=0.1)), features(DPOObjective(beta=1.0))
     none = features(DPOObjective(reference="none"))

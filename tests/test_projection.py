@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rose_pl.errors import ConfigError
-from rose_pl.projection import (
+from rose_pl.features.projection import (
     CountSketchProjector,
     IdentityProjector,
     NormalizingSink,

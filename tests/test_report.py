@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from rose_pl.errors import ConfigError
-from rose_pl.report import (
+from rose_pl.selection.report import (
     DATASET_PLOT,
     REPORT_FILE,
     SCORES_PLOT,
@@ -11,7 +11,7 @@ from rose_pl.report import (
     composition,
     write_report,
 )
-from rose_pl.selection import select
+from rose_pl.selection.select import select
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rose_pl.errors import ConfigError
-from rose_pl.selection import (
+from rose_pl.selection.select import (
     SELECTION_META_FILE,
     budget,
     rank,

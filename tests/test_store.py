@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rose_pl.errors import ConfigError, StoreMismatchError
-from rose_pl.store import (
+from rose_pl.features.store import (
     COMPLETE_FILE,
     FEATURES_FILE,
     META_FILE,
@@ -178,8 +178,8 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 
-from rose_pl.projection import ProjectionCallback
-from rose_pl.store import FeatureStoreWriter
+from rose_pl.features.projection import ProjectionCallback
+from rose_pl.features.store import FeatureStoreWriter
 
 SHAPES = {"blocks.0.lora_A.weight": (4, 24), "blocks.0.lora_B.weight": (40, 4), "head.bias": (19,)}
 ZERO_ROW = 3  # its gradient is zero: the stored row must stay zero

@@ -9,6 +9,7 @@ gives the same selection.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -16,8 +17,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rose_pl.atomic import atomic_write_text
+from rose_pl.files import atomic_write_text
 from rose_pl.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FRACTION = 0.05
 """Fraction of the pool selected when neither fraction nor k is given (ROSE and LESS use 5%)."""
@@ -138,3 +141,31 @@ def write_selection(
 def read_selection(path: str | os.PathLike) -> dict[str, Any]:
     """The sidecar of the selected JSONL at `path`."""
     return json.loads(selection_meta_path(path).read_text(encoding="utf-8"))
+
+
+def select_and_write(out: str | os.PathLike, result, pool, *, source: str, fraction: float | None, k: int | None,
+                     seed: int, title: str, extra: dict | None = None, report: bool = True,
+                     jsonl_name: str = "selected.jsonl") -> dict:
+    """Select the top of `pool` (InstructionExamples) by `result.scores`; write the selected rows (the pool's
+    own JSON) and their sidecar into folder `out`, and unless `report` is False, report.md with plots.
+    Returns a summary: how many rows, the composition by source dataset, the file."""
+    from rose_pl.selection.report import composition, write_report
+
+    out = Path(out)
+    ids = [e.id for e in pool]
+    datasets = [e.dataset for e in pool]
+    chosen = select(result.scores, fraction=fraction, k=k, seed=seed)
+    unusable = int(np.count_nonzero(np.isneginf(np.asarray(result.scores)[chosen])))
+    if unusable:
+        raise ConfigError(f"{title}: the budget reaches {unusable} rows without scores (dropped); lower the budget")
+    path = write_selection([e.raw for e in pool], chosen, out / jsonl_name, scores=result.scores, ids=ids,
+                           datasets=datasets, fraction=fraction, k=k, seed=seed, source=source)
+    if report:
+        write_report(out, result.scores, chosen, datasets, ids, texts=[e.text for e in pool],
+                     best_task=result.best_task, tasks=result.tasks, title=title,
+                     extra={"fraction": fraction, "k": k, "seed": seed, "pool": source, **(extra or {})})
+    summary = {"selected": int(len(chosen)), "file": str(path),
+               "composition": {d: round(p, 1) for d, p in composition(datasets, chosen).items()}}
+    log.info("%s: selected %d of %d into %s; composition %s", title, len(chosen), len(pool), path,
+             summary["composition"])
+    return summary

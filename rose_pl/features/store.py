@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from rose_pl.atomic import atomic_write_json
+from rose_pl.files import atomic_write_json, jsonable
 from rose_pl.errors import ConfigError, StoreMismatchError
 
 log = logging.getLogger(__name__)
@@ -45,26 +46,13 @@ KEY_DTYPE = "dtype"
 KEY_MODULE = "module"
 KEY_PROJECTOR = "projector"
 KEY_DATASET = "dataset_fingerprint"
+KEY_DATA = "data"
 STORE_KEYS = (KEY_FORMAT, KEY_NUM_ROWS, KEY_DIM, KEY_DTYPE)
 COMPATIBILITY_KEYS = (KEY_PROJECTOR, KEY_DIM)
 DTYPES = ("float16", "float32")
 
 
 # ---- small helpers ----------------------------------------------------------------------------------
-def _jsonable(obj: Any) -> Any:
-    """The value as JSON will read it back (tuples -> lists, paths and dtypes -> str)."""
-    def default(o):
-        if isinstance(o, (np.integer, np.floating, np.bool_)):
-            return o.item()
-        if isinstance(o, (Path, torch.dtype, torch.device)):
-            return str(o)
-        if isinstance(o, torch.Size):
-            return list(o)
-        raise TypeError(f"feature-store metadata cannot hold a {type(o).__name__}: {o!r}")
-
-    return json.loads(json.dumps(obj, default=default))
-
-
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(obj, dict) and obj:
         out = {}
@@ -79,7 +67,7 @@ _ABSENT = "<absent>"
 
 def meta_differences(stored: dict, requested: dict, keys: Iterable[str] | None = None) -> list[str]:
     """'key: stored X, requested Y' for every differing leaf (all leaves, or those under `keys`)."""
-    a, b = _flatten(_jsonable(stored)), _flatten(_jsonable(requested))
+    a, b = _flatten(jsonable(stored)), _flatten(jsonable(requested))
     names = sorted(set(a) | set(b))
     if keys is not None:
         keys = list(keys)
@@ -88,12 +76,19 @@ def meta_differences(stored: dict, requested: dict, keys: Iterable[str] | None =
             for n in names if a.get(n, _ABSENT) != b.get(n, _ABSENT)]
 
 
+def compatibility_problems(meta_a: dict, meta_b: dict, name_a: str = "first", name_b: str = "second",
+                           keys: Iterable[str] = COMPATIBILITY_KEYS) -> list[str]:
+    """Why two stores' features cannot be compared: every differing leaf of the projector metadata (kind,
+    seed, dim, parameter layout, normalization...) and of the dim."""
+    return [d.replace(": stored", f": {name_a}").replace(", requested", f", {name_b}")
+            for d in meta_differences(meta_a, meta_b, keys)]
+
+
 def check_compatible(meta_a: dict, meta_b: dict, keys: Iterable[str] = COMPATIBILITY_KEYS) -> None:
-    """Raise StoreMismatchError unless the two stores' projector (kind, seed, dim, normalize...) and dim agree."""
-    diffs = meta_differences(meta_a, meta_b, keys)
-    if diffs:
-        raise StoreMismatchError("feature stores are not comparable:\n  - " + "\n  - ".join(
-            d.replace(": stored", ": first").replace(", requested", ", second") for d in diffs))
+    """Raise StoreMismatchError unless the two stores' projector (kind, seed, dim, layout, normalize...) and dim agree."""
+    problems = compatibility_problems(meta_a, meta_b, keys=keys)
+    if problems:
+        raise StoreMismatchError("feature stores are not comparable:\n  - " + "\n  - ".join(problems))
 
 
 # ---- the store --------------------------------------------------------------------------------------
@@ -134,7 +129,7 @@ class FeatureStore:
         if problems:
             raise ConfigError(problems)
         path = Path(path)
-        full = _jsonable({**meta, KEY_FORMAT: FORMAT_VERSION, KEY_NUM_ROWS: int(num_rows), KEY_DIM: int(dim),
+        full = jsonable({**meta, KEY_FORMAT: FORMAT_VERSION, KEY_NUM_ROWS: int(num_rows), KEY_DIM: int(dim),
                           KEY_DTYPE: dtype})
         if (path / META_FILE).exists():
             diffs = meta_differences(_read_json(path / META_FILE), full)
@@ -178,7 +173,7 @@ class FeatureStore:
             raise StoreMismatchError(f"{path / META_FILE}: {KEY_FORMAT} is {meta.get(KEY_FORMAT)!r}, "
                                      f"this rose_pl reads {FORMAT_VERSION}")
         if expected_meta is not None:
-            diffs = meta_differences(meta, expected_meta, keys=_flatten(_jsonable(expected_meta)).keys())
+            diffs = meta_differences(meta, expected_meta, keys=_flatten(jsonable(expected_meta)).keys())
             if diffs:
                 raise StoreMismatchError(f"{path / META_FILE} differs from the expected metadata:\n  - "
                                          + "\n  - ".join(diffs))
@@ -245,8 +240,9 @@ class FeatureStore:
         if self.durable:
             os.fdatasync(fd)
 
-    def finalize(self, excluded: Iterable[int] = ()) -> None:
-        """Mark the store complete; refuses while rows are missing. `excluded` rows may stay unwritten (zero)."""
+    def finalize(self, excluded: Iterable[int] = (), reasons: dict[int, dict] | None = None) -> None:
+        """Mark the store complete; refuses while rows are missing. `excluded` rows may stay unwritten (zero);
+        `reasons[i]` (e.g. {"id", "reason"}) is recorded for each excluded row that has one."""
         excluded = sorted({int(i) for i in excluded})
         missing = np.setdiff1d(self.missing_indices(), np.asarray(excluded, dtype=np.int64))
         if missing.size:
@@ -255,7 +251,9 @@ class FeatureStore:
         for name in (FEATURES_FILE, WRITTEN_FILE):
             with open(self.path / name, "rb+") as f:
                 os.fsync(f.fileno())
+        details = [{"index": i, **(reasons or {}).get(i, {})} for i in excluded]
         atomic_write_json(self.path / COMPLETE_FILE, {"num_rows": self.num_rows, "excluded_rows": excluded,
+                                                      "excluded": details,
                                                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     # ---- reading -----------------------------------------------------------------------------------
@@ -278,6 +276,13 @@ class FeatureStore:
         if not self.is_complete:
             return np.zeros(0, dtype=np.int64)
         return np.asarray(_read_json(self.path / COMPLETE_FILE).get("excluded_rows", []), dtype=np.int64)
+
+    def excluded(self) -> list[dict]:
+        """Each row finalized without features, with its id and the reason where known."""
+        if not self.is_complete:
+            return []
+        done = _read_json(self.path / COMPLETE_FILE)
+        return done.get("excluded", [{"index": i} for i in done.get("excluded_rows", [])])
 
     def features(self, allow_incomplete: bool = False) -> np.memmap:
         """Read-only (N, d) memmap; refuses an unfinished store unless allow_incomplete=True."""
@@ -309,13 +314,27 @@ def _runs(sorted_idx: np.ndarray) -> list[tuple[int, int]]:
 
 
 # ---- the Lightning writer ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StoreOutput:
+    """One store a writer fills: where, its width and metadata, and which columns of the batch features go there."""
+
+    path: str
+    dim: int
+    meta: dict
+    columns: slice | None = None
+    """Columns of each batch's features written to this store (None: all)."""
+
+
 class FeatureStoreWriter(BasePredictionWriter):
-    """Writes each predict batch's `{"index", "features"}` into a FeatureStore; resumes unfinished stores."""
+    """Writes each predict batch's `{"index", "features"}` into a FeatureStore; resumes unfinished stores.
+
+    Subclasses write several stores from one pass by returning several `StoreOutput`s from `outputs()`.
+    """
 
     def __init__(self, output_dir: str, dtype: str = "float16", overwrite: bool = False):
         """
         Args:
-            output_dir: The store folder (one per dataset x checkpoint x mode). Fields of the module's
+            output_dir: The store folder (one per dataset x checkpoint x features). Fields of the module's
                 feature metadata may be named in braces and are filled in at setup, e.g.
                 `runs/x/features/train/epoch-{checkpoint_epoch}` follows `--model.init_args.checkpoint`.
             dtype: Stored feature dtype, float16 or float32.
@@ -324,23 +343,41 @@ class FeatureStoreWriter(BasePredictionWriter):
         """
         super().__init__(write_interval="batch")
         if dtype not in DTYPES:
-            raise ConfigError(f"FeatureStoreWriter: dtype must be one of {DTYPES}, got {dtype!r}")
+            raise ConfigError(f"{type(self).__name__}: dtype must be one of {DTYPES}, got {dtype!r}")
         self.output_dir, self.dtype, self.overwrite = output_dir, dtype, overwrite
-        self.store: FeatureStore | None = None
+        self.stores: list[tuple[StoreOutput, FeatureStore]] = []
         self._excluded: list[int] = []
+        self._reasons: dict[int, dict] = {}
 
-    def _store_meta(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, int, dict]:
-        """(num_rows, dim, meta) from the datamodule, the module and the ProjectionCallback."""
-        from rose_pl.projection import ProjectionCallback  # projection sits left of store
+    @property
+    def store(self) -> FeatureStore | None:
+        """The (first) store being written."""
+        return self.stores[0][1] if self.stores else None
 
-        dm, problems = trainer.datamodule, []
-        if dm is None:
-            problems.append("FeatureStoreWriter needs a datamodule: trainer.predict(model, datamodule=...)")
-        needs = [(pl_module, "feature_metadata")] + ([(dm, "num_examples"), (dm, "fingerprint")] if dm else [])
-        problems += [f"FeatureStoreWriter needs {type(o).__name__}.{a}" for o, a in needs if not hasattr(o, a)]
+    @staticmethod
+    def data_metadata(trainer: pl.Trainer) -> tuple[int, dict]:
+        """(rows, metadata) of the datamodule's dataset: its fingerprint and, where it has them, its settings."""
+        dm = trainer.datamodule
+        missing = [a for a in ("num_examples", "fingerprint") if dm is None or not hasattr(dm, a)]
+        if dm is None or missing:
+            raise ConfigError(f"the store writer needs a datamodule with {missing or 'num_examples, fingerprint'}: "
+                              "trainer.predict(model, datamodule=FeatureDataModule(...))")
+        num_rows = dm.num_examples() if callable(dm.num_examples) else dm.num_examples
+        meta = {KEY_DATASET: dm.fingerprint()}
+        if hasattr(dm, "settings"):
+            meta[KEY_DATA] = dm.settings()
+        return int(num_rows), meta
+
+    def outputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[StoreOutput]:
+        """The store: dim from the ProjectionCallback (or the module's `feature_dim()`), module metadata."""
+        from rose_pl.features.projection import ProjectionCallback  # projection sits left of store
+
+        problems = []
+        if not hasattr(pl_module, "feature_metadata"):
+            problems.append(f"{type(self).__name__} needs {type(pl_module).__name__}.feature_metadata()")
         projections = [c for c in trainer.callbacks if isinstance(c, ProjectionCallback)]
         if len(projections) > 1:
-            problems.append(f"FeatureStoreWriter found {len(projections)} ProjectionCallbacks, expected at most one")
+            problems.append(f"{type(self).__name__} found {len(projections)} ProjectionCallbacks, expected at most one")
         if problems:
             raise ConfigError(problems)
         if projections:
@@ -351,65 +388,90 @@ class FeatureStoreWriter(BasePredictionWriter):
             projector = None
             dim = pl_module.feature_dim() if hasattr(pl_module, "feature_dim") else None
             if not dim:
-                raise ConfigError("FeatureStoreWriter needs a ProjectionCallback, or the module's feature_dim()")
-        num_rows = dm.num_examples() if callable(dm.num_examples) else dm.num_examples
-        meta = {KEY_MODULE: pl_module.feature_metadata(), KEY_PROJECTOR: projector, KEY_DATASET: dm.fingerprint()}
-        return int(num_rows), int(dim), meta
+                raise ConfigError(f"{type(self).__name__} needs a ProjectionCallback, or the module's feature_dim()")
+        _, data = self.data_metadata(trainer)
+        meta = {KEY_MODULE: pl_module.feature_metadata(), KEY_PROJECTOR: projector, **data}
+        return [StoreOutput(self._fill(self.output_dir, meta[KEY_MODULE]), int(dim), meta)]
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "predict":
-            return
-        num_rows, dim, meta = self._store_meta(trainer, pl_module)
+    @staticmethod
+    def _fill(output_dir: str, module_meta: dict) -> str:
         try:
-            self.output_dir = str(self.output_dir).format(**meta[KEY_MODULE])
+            return str(output_dir).format(**module_meta)
         except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError(f"FeatureStoreWriter.output_dir {self.output_dir!r}: cannot fill {e} from the module's "
-                              f"feature metadata (fields: {sorted(meta[KEY_MODULE])})") from None
+            raise ConfigError(f"store output_dir {output_dir!r}: cannot fill {e} from the module's feature metadata "
+                              f"(fields: {sorted(module_meta)})") from None
+
+    def _open(self, trainer: pl.Trainer, num_rows: int, out: StoreOutput) -> FeatureStore:
         # Rank 0 creates or validates; its error (if any) is broadcast so no rank waits forever.
         failure, message = None, None
         if trainer.is_global_zero:
             try:
-                FeatureStore.create(self.output_dir, num_rows, dim, meta, self.dtype, self.overwrite).close()
+                FeatureStore.create(out.path, num_rows, out.dim, out.meta, self.dtype, self.overwrite).close()
             except Exception as e:  # re-raised below: as is on rank 0, as a message elsewhere
                 failure, message = e, f"{type(e).__name__}: {e}"
         message = trainer.strategy.broadcast(message, src=0)
         if failure is not None:
             raise failure
         if message is not None:
-            raise StoreMismatchError(f"feature store {self.output_dir} (rank 0 failed): {message}")
-        expected = {**meta, KEY_NUM_ROWS: num_rows, KEY_DIM: dim, KEY_DTYPE: self.dtype}
-        self.store = FeatureStore.open(self.output_dir, expected_meta=expected, mode="r+")
-        written = set(self.store.written_indices().tolist())
+            raise StoreMismatchError(f"feature store {out.path} (rank 0 failed): {message}")
+        expected = {**out.meta, KEY_NUM_ROWS: num_rows, KEY_DIM: out.dim, KEY_DTYPE: self.dtype}
+        return FeatureStore.open(out.path, expected_meta=expected, mode="r+")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        num_rows, _ = self.data_metadata(trainer)
+        outputs = self.outputs(trainer, pl_module)
+        self.stores = [(out, self._open(trainer, num_rows, out)) for out in outputs]
+        # A row counts as done only when every store has it (a crash between two stores' writes redoes it).
+        written = set.intersection(*(set(store.written_indices().tolist()) for _, store in self.stores))
         dm = trainer.datamodule
+        where = ", ".join(out.path for out in outputs)
         if written:
-            log.info("feature store %s: %d of %d rows already written, computing the rest",
-                     self.output_dir, len(written), num_rows)
+            log.info("feature store %s: %d of %d rows already written, computing the rest", where, len(written),
+                     num_rows)
         if hasattr(dm, "skip_indices"):
             dm.skip_indices = set(dm.skip_indices or ()) | written
         # Rows the datamodule will never yield (dropped on request) are recorded as excluded, not awaited.
         planned = getattr(dm, "predict_indices", None)
         self._excluded = [] if planned is None else sorted(set(range(num_rows)) - written - set(planned))
+        self._reasons = _drop_reasons(dm, self._excluded)
         if self._excluded:
-            log.warning("feature store %s: %d rows are dropped by the datamodule and stay zero, e.g. %s",
-                        self.output_dir, len(self._excluded), self._excluded[:10])
-        if len(written) + len(self._excluded) == num_rows and not self.store.is_complete and trainer.is_global_zero:
+            log.warning("feature store %s: %d rows are dropped by the datamodule and get no features, e.g. %s",
+                        where, len(self._excluded), [self._reasons.get(i, {}).get("id", i) for i in self._excluded[:10]])
+        if len(written) + len(self._excluded) == num_rows and trainer.is_global_zero:
             # Nothing left to predict, so on_predict_end may never run: finish now.
-            self.store.finalize(self._excluded)
+            for _, store in self.stores:
+                if not store.is_complete:
+                    store.finalize(self._excluded, self._reasons)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
         # Rows go where prediction["index"] says, never by position in the batch or the loader.
-        self.store.write(prediction["index"], prediction["features"])
+        features = prediction["features"]
+        for out, store in self.stores:
+            store.write(prediction["index"], features if out.columns is None else features[:, out.columns])
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.strategy.barrier("feature_store_finalize")
         message = None
         if trainer.is_global_zero:
             try:
-                self.store.finalize(self._excluded)
+                for _, store in self.stores:
+                    store.finalize(self._excluded, self._reasons)
             except StoreMismatchError as e:
                 message = str(e)
         message = trainer.strategy.broadcast(message, src=0)
-        self.store.close()
+        for _, store in self.stores:
+            store.close()
         if message is not None:
             raise StoreMismatchError(message)
+
+
+def _drop_reasons(dm, excluded: list[int]) -> dict[int, dict]:
+    """{row index: {"id", "reason"}} of excluded rows, from the datamodule's record of what it dropped."""
+    dropped = {d.id: d.reason for d in getattr(dm, "dropped", [])}
+    ids = getattr(dm, "ids", None)
+    if not excluded or not dropped or ids is None:
+        return {}
+    return {i: {"id": ids[i], "reason": dropped.get(ids[i], "dropped")} for i in excluded}

@@ -16,7 +16,7 @@ import torch
 from rank_bm25 import BM25Okapi
 
 from rose_pl.errors import ConfigError
-from rose_pl.influence import DEFAULT_BLOCK_SIZE, InfluenceResult, influence_scores, task_groups
+from rose_pl.selection.influence import DEFAULT_BLOCK_SIZE, InfluenceResult, influence_scores, task_groups
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from rose_pl.atomic import atomic_write
+from rose_pl.files import atomic_write
 from rose_pl.errors import ConfigError, DataFormatError, StoreMismatchError
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,6 @@ SCORES_FORMAT_VERSION = 1
 
 DEFAULT_BLOCK_SIZE = 8192
 """Training rows per block; the block's float32 buffer takes block_size * d * 4 bytes (256 MiB at d=8192)."""
-
-_PROJECTOR_KEYS = ("kind", "dim", "seed")
 
 
 @dataclass
@@ -80,7 +78,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def _as_matrix(x: Any) -> Any:
     """An array-like with `.shape` and row slicing: arrays and tensors as given, a store folder opened."""
     if isinstance(x, (str, os.PathLike)):
-        from rose_pl.store import FeatureStore  # store sits left of us; imported lazily to keep import light
+        from rose_pl.features.store import FeatureStore  # store sits left of us; imported lazily to keep import light
 
         return FeatureStore.open(x).features()
     if hasattr(x, "features") and callable(x.features):
@@ -224,33 +222,8 @@ def influence_scores(
     elapsed = time.perf_counter() - t0
     log.info("influence: scored %d rows in %.1f s (%.0f rows/s)", n, elapsed, n / max(elapsed, 1e-9))
 
-    bad = int(np.count_nonzero(~np.isfinite(per_task)))
-    if bad:
-        log.warning("influence: %d non-finite per-task scores (non-finite features?)", bad)
-    return InfluenceResult(
-        scores=per_task.max(axis=1),
-        per_task=per_task,
-        best_task=per_task.argmax(axis=1).astype(np.int64),
-        tasks=tasks,
-        weights=eta,
-        info={"device": str(dev), "block_size": int(block_size), "raw_weights": [float(w) for w in weights]},
-    )
-
-
-def _projector_problems(name_a: str, meta_a: dict, name_b: str, meta_b: dict) -> list[str]:
-    problems = []
-    if meta_a.get("dim") != meta_b.get("dim"):
-        problems.append(f"dim {meta_a.get('dim')} ({name_a}) != {meta_b.get('dim')} ({name_b})")
-    proj_a, proj_b = meta_a.get("projector"), meta_b.get("projector")
-    if proj_a is None and proj_b is None:
-        return problems
-    if proj_a is None or proj_b is None:
-        missing = name_a if proj_a is None else name_b
-        return problems + [f"{missing} has no projector metadata while the other store has"]
-    for key in _PROJECTOR_KEYS:
-        if proj_a.get(key) != proj_b.get(key):
-            problems.append(f"projector.{key} {proj_a.get(key)!r} ({name_a}) != {proj_b.get(key)!r} ({name_b})")
-    return problems
+    return _finish(per_task, tasks, eta, {"scoring": "projected", "device": str(dev), "block_size": int(block_size),
+                                          "raw_weights": [float(w) for w in weights]})
 
 
 def _checkpoint_of(meta: dict):
@@ -263,19 +236,22 @@ def check_store_metas(train_metas: Sequence[dict], val_metas: Sequence[dict], tr
                       val_names: Sequence[str]) -> None:
     """Raise StoreMismatchError listing every incompatibility between per-checkpoint train/val store metadata.
 
-    Pairwise (train_i, val_i): projector kind/dim/seed, dim and, where both carry one, "checkpoint".
-    Across checkpoints: one projector throughout, equal training row counts, distinct checkpoints.
+    Pairwise (train_i, val_i): the whole projector metadata (kind, dim, seed, parameter layout, normalization,
+    algorithm...), dim and, where both carry one, "checkpoint". Across checkpoints: one projector throughout,
+    equal training row counts, distinct checkpoints.
     """
+    from rose_pl.features.store import compatibility_problems
+
     if len(train_metas) != len(val_metas):
         raise ConfigError(f"{len(train_metas)} training stores but {len(val_metas)} validation stores")
     problems = []
     for i, (ta, va) in enumerate(zip(train_metas, val_metas)):
-        problems += _projector_problems(train_names[i], ta, val_names[i], va)
+        problems += compatibility_problems(ta, va, train_names[i], val_names[i])
         ct, cv = _checkpoint_of(ta), _checkpoint_of(va)
         if ct is not None and cv is not None and ct != cv:
             problems.append(f"checkpoint {ct!r} ({train_names[i]}) != {cv!r} ({val_names[i]})")
         if i > 0:
-            problems += _projector_problems(train_names[0], train_metas[0], train_names[i], ta)
+            problems += compatibility_problems(train_metas[0], ta, train_names[0], train_names[i])
             if ta.get("num_rows") != train_metas[0].get("num_rows"):
                 problems.append(f"num_rows {ta.get('num_rows')} ({train_names[i]}) != "
                                 f"{train_metas[0].get('num_rows')} ({train_names[0]})")
@@ -290,16 +266,31 @@ def check_store_metas(train_metas: Sequence[dict], val_metas: Sequence[dict], tr
         raise StoreMismatchError("feature stores do not fit together:\n  - " + "\n  - ".join(problems))
 
 
+def checkpoint_lrs(metas: Sequence[dict], names: Sequence[str]) -> list[float]:
+    """eta_i of each checkpoint: the mean learning rate the feature module recorded from the warmup manifest."""
+    lrs, missing = [], []
+    for name, meta in zip(names, metas):
+        lr = (meta.get("module") or {}).get("checkpoint_lr")
+        if lr is None:
+            missing.append(name)
+        lrs.append(lr)
+    if missing:
+        raise ConfigError(f"stores {missing} record no checkpoint_lr: pass the checkpoint weights explicitly")
+    return [float(x) for x in lrs]
+
+
 def score_stores(
     train_dirs: Sequence[str | os.PathLike],
     val_dirs: Sequence[str | os.PathLike],
     task_ids: Sequence[str],
-    weights: Sequence[float],
+    weights: Sequence[float] | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     device: str | torch.device | None = None,
 ) -> InfluenceResult:
-    """Open one training and one validation FeatureStore folder per checkpoint, check they fit, and score."""
-    from rose_pl.store import FeatureStore  # lazily: store is a stage to our left, heavy to import
+    """Open one training and one validation FeatureStore folder per checkpoint, check they fit, and score.
+
+    `weights` default to each checkpoint's mean learning rate from the training stores' metadata."""
+    from rose_pl.features.store import FeatureStore  # lazily: store is a stage to our left, heavy to import
 
     if len(train_dirs) != len(val_dirs):
         raise ConfigError(f"{len(train_dirs)} training stores but {len(val_dirs)} validation stores")
@@ -307,6 +298,8 @@ def score_stores(
     val_stores = [FeatureStore.open(p) for p in val_dirs]
     check_store_metas([s.meta for s in train_stores], [s.meta for s in val_stores],
                       [str(p) for p in train_dirs], [str(p) for p in val_dirs])
+    if weights is None:
+        weights = checkpoint_lrs([s.meta for s in train_stores], [str(p) for p in train_dirs])
     # Rows a store was finalized without (dropped on request by the datamodule) hold zeros, not features.
     # A dropped validation row must not pull its task's mean toward zero: leave it out of every checkpoint.
     val_drop = np.unique(np.concatenate([s.excluded_indices() for s in val_stores]))
@@ -333,6 +326,77 @@ def score_stores(
     result.info["train_stores"] = [str(p) for p in train_dirs]
     result.info["val_stores"] = [str(p) for p in val_dirs]
     return result
+
+
+def _finish(per_task: np.ndarray, tasks: list[str], eta: np.ndarray, info: dict) -> InfluenceResult:
+    bad = int(np.count_nonzero(~np.isfinite(per_task)))
+    if bad:
+        log.warning("influence: %d non-finite per-task scores (non-finite features?)", bad)
+    return InfluenceResult(scores=per_task.max(axis=1), per_task=per_task, best_task=per_task.argmax(axis=1).astype(np.int64),
+                           tasks=tasks, weights=eta, info=info)
+
+
+def exact_scores(store_dirs: Sequence[str | os.PathLike], side: str, weights: Sequence[float] | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> InfluenceResult:
+    """Eq. 7 from exact score stores (`rose_pl.features.exact`), one per checkpoint, for validation `side`.
+
+    At checkpoint i the score of row z for task t is inner_i(z, t) / sqrt(norm2_i(z)); the checkpoints are
+    combined with their learning rates (from the stores' metadata unless `weights` are given), renormalized.
+    A row whose gradient is zero scores 0; a row the pass dropped scores -inf (never selected).
+    """
+    from rose_pl.features.exact import NORM_COLUMN
+    from rose_pl.features.store import FeatureStore
+
+    stores = [FeatureStore.open(p) for p in store_dirs]
+    if not stores:
+        raise ConfigError("exact_scores: no stores given (one per checkpoint expected)")
+    layouts, problems = [], []
+    for store in stores:
+        columns = (store.meta.get("exact") or {}).get("columns")
+        if not columns:
+            raise StoreMismatchError(f"{store.path}: not an exact score store (no exact.columns in its metadata)")
+        picked = [c for c in columns if c.startswith(side + "/")]
+        if not picked:
+            problems.append(f"{store.path}: no columns of side {side!r} (has {sorted({c.split('/')[0] for c in columns})})")
+        layouts.append(columns)
+    if any(c != layouts[0] for c in layouts[1:]):
+        problems.append(f"exact stores {[str(s.path) for s in stores]} have different columns (other task means)")
+    if len({s.num_rows for s in stores}) > 1:
+        problems.append(f"exact stores have different row counts {[s.num_rows for s in stores]}")
+    checkpoints = [_checkpoint_of(s.meta) for s in stores]
+    if len(set(map(str, checkpoints))) != len(checkpoints):
+        problems.append(f"exact stores repeat a checkpoint: {checkpoints}")
+    if problems:
+        raise StoreMismatchError("exact score stores do not fit together:\n  - " + "\n  - ".join(problems))
+    columns = layouts[0]
+    picked = [i for i, c in enumerate(columns) if c.startswith(side + "/")]
+    tasks = [columns[i][len(side) + 1:] for i in picked]
+    order = np.argsort(np.asarray(tasks, dtype=object).astype(str), kind="stable")  # tasks sorted, as task_groups
+    picked, tasks = [picked[i] for i in order], [tasks[i] for i in order]
+    norm = columns.index(NORM_COLUMN)
+    if weights is None:
+        weights = checkpoint_lrs([s.meta for s in stores], [str(s.path) for s in stores])
+    if len(weights) != len(stores):
+        raise ConfigError(f"{len(weights)} weights for {len(stores)} checkpoints")
+    eta = normalize_weights(weights)
+    n = stores[0].num_rows
+    per_task = np.zeros((n, len(tasks)), dtype=np.float64)
+    for w, store in zip(eta, stores):
+        mat = store.features()
+        for start in range(0, n, block_size):
+            block = np.asarray(mat[start:start + block_size], dtype=np.float64)
+            length = np.sqrt(block[:, norm])
+            per_task[start:start + block.shape[0]] += w * np.divide(
+                block[:, picked], length[:, None], out=np.zeros((block.shape[0], len(picked))), where=length[:, None] > 0)
+    per_task = per_task.astype(np.float32)
+    dropped = np.unique(np.concatenate([s.excluded_indices() for s in stores]))
+    if dropped.size:
+        log.warning("influence: %d training rows have no scores (dropped); their score is -inf: %s",
+                    dropped.size, dropped[:10].tolist())
+        per_task[dropped] = -np.inf
+    info = {"scoring": "exact", "side": side, "raw_weights": [float(x) for x in weights],
+            "stores": [str(s.path) for s in stores], "dropped_train_rows": dropped.tolist()}
+    return _finish(per_task, tasks, eta, info)
 
 
 @dataclass

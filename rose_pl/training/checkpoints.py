@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from rose_pl.atomic import atomic_write_json
 from rose_pl.errors import CheckpointError
+from rose_pl.files import atomic_dir, atomic_write_json
+from rose_pl.layout import epoch_dirname
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +33,6 @@ ADAPTER_DIR = "adapter"
 OPTIMIZER_FILE = "optimizer.pt"
 INFO_FILE = "info.json"
 FORMAT_VERSION = 1
-
-
-def epoch_dirname(epoch: int) -> str:
-    """The one place that derives a checkpoint folder name (epochs count from 1)."""
-    return f"epoch-{epoch}"
 
 
 def named_adam_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
@@ -101,6 +94,8 @@ class Manifest:
     base_model: str
     lora: dict
     checkpoints: list[CheckpointInfo]
+    data: dict = field(default_factory=dict)
+    """What was trained on: rows, and the rows dropped with their reasons."""
 
     @classmethod
     def load(cls, root: str | Path) -> "Manifest":
@@ -114,7 +109,7 @@ class Manifest:
                 CheckpointInfo(int(c["epoch"]), root / c["dir"], float(c["lr"]), int(c["steps"]), int(c["global_step"]))
                 for c in raw["checkpoints"]
             ]
-            return cls(root, raw["base_model"], raw["lora"], sorted(ckpts, key=lambda c: c.epoch))
+            return cls(root, raw["base_model"], raw["lora"], sorted(ckpts, key=lambda c: c.epoch), raw.get("data", {}))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{file}: malformed manifest ({e!r})") from e
 
@@ -189,29 +184,21 @@ class WarmupCheckpoint(pl.Callback):
         adapter_state, optim_state = _gather_states(trainer, pl_module)
         hyper = adam_hyperparameters(trainer.optimizers[0])
         if trainer.is_global_zero:
-            self._write(pl_module, epoch, sum(lrs) / len(lrs), len(lrs), trainer.global_step, adapter_state, optim_state, hyper)
+            self._write(trainer, pl_module, epoch, sum(lrs) / len(lrs), len(lrs), trainer.global_step, adapter_state, optim_state, hyper)
         trainer.strategy.barrier("rose_pl.warmup_checkpoint")
 
-    def _write(self, pl_module, epoch, mean_lr, steps, global_step, adapter_state, optim_state, hyper) -> None:
-        self.dirpath.mkdir(parents=True, exist_ok=True)
+    def _write(self, trainer, pl_module, epoch, mean_lr, steps, global_step, adapter_state, optim_state, hyper) -> None:
         final = self.dirpath / epoch_dirname(epoch)
-        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=".tmp", dir=self.dirpath))
-        try:
+        info = {"epoch": epoch, "lr": mean_lr, "steps": steps, "global_step": global_step}
+        with atomic_dir(final) as tmp:  # replaces the folder of a resumed run redoing this epoch
             pl_module.model.save_pretrained(tmp / ADAPTER_DIR, state_dict=adapter_state)
             if self.save_optimizer:
                 torch.save({"format": FORMAT_VERSION, "state": optim_state, "hyper": hyper}, tmp / OPTIMIZER_FILE)
-            info = {"epoch": epoch, "lr": mean_lr, "steps": steps, "global_step": global_step}
             atomic_write_json(tmp / INFO_FILE, info)
-            if final.exists():  # a resumed run redoing this epoch
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self._update_manifest(pl_module, info | {"dir": final.name})
+        self._update_manifest(pl_module, info | {"dir": final.name}, _data_summary(trainer.datamodule))
         log.info("saved warmup checkpoint %s (mean lr %.3g over %d steps)", final, mean_lr, steps)
 
-    def _update_manifest(self, pl_module, entry: dict) -> None:
+    def _update_manifest(self, pl_module, entry: dict, data: dict) -> None:
         file = self.dirpath / MANIFEST
         raw = json.loads(file.read_text()) if file.is_file() else {}
         entries = [c for c in raw.get("checkpoints", []) if c["epoch"] != entry["epoch"]]
@@ -220,8 +207,18 @@ class WarmupCheckpoint(pl.Callback):
             "base_model": pl_module.hparams.get("model", ""),
             "lora": dict(pl_module.lora_config_dict()),
             "checkpoints": sorted(entries + [entry], key=lambda c: c["epoch"]),
+            "data": data,
         }
         atomic_write_json(file, raw)
+
+
+def _data_summary(dm) -> dict:
+    """Rows trained on and rows the datamodule dropped (with why), when it keeps that record."""
+    if dm is None or getattr(dm, "train_dataset", None) is None:
+        return {}
+    dropped = [{"id": d.id, "where": d.where, "reason": d.reason} for d in getattr(dm, "dropped", [])]
+    return {"file": str(dm.hparams.get("train_file", "")), "rows": len(dm.train_dataset), "dropped": len(dropped),
+            "dropped_rows": dropped[:50]}
 
 
 def _gather_states(trainer, pl_module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:

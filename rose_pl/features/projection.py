@@ -6,8 +6,9 @@ features. Every randomized matrix is derived from (seed, parameter name), never 
 device, so features computed on CPU and GPU, in any `add` order, share one matrix. `metadata()` names
 everything that defines the matrix; the feature store compares it so that features never mix.
 
-Kinds: `countsketch` (default, pure torch, never builds a matrix), `gaussian` (dense JL yardstick),
-`identity` (exact, no projection), `trak` (TRAK's fast_jl CUDA kernel or its BasicProjector).
+Kinds (registered in `rose_pl.registry.PROJECTORS`): `countsketch` (default, pure torch, never builds a
+matrix), `gaussian` (dense JL yardstick), `identity` (exact, no projection), `trak` (TRAK's fast_jl CUDA
+kernel or its BasicProjector). To add one, subclass `Projector` and register the class under its `kind`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import lightning.pytorch as pl
 import torch
 
 from rose_pl.errors import ConfigError
+from rose_pl.registry import PROJECTORS
 
 log = logging.getLogger(__name__)
 
-ProjectorKind = Literal["countsketch", "gaussian", "identity", "trak"]
 _MAX_TEMP_ELEMENTS = 1 << 26  # bounds the per-block temporary (256 MiB of float32)
 
 
@@ -460,17 +461,18 @@ class TrakProjector(Projector):
         return meta
 
 
-def build_projector(kind: ProjectorKind = "countsketch", dim: int = 8192, seed: int = 0, **kwargs) -> Projector:
-    """A projector by name; `identity` ignores dim and seed (its width is the gradient size)."""
-    if kind == "countsketch":
-        return CountSketchProjector(dim=dim, seed=seed, **kwargs)
-    if kind == "gaussian":
-        return GaussianProjector(dim=dim, seed=seed, **kwargs)
-    if kind == "identity":
-        return IdentityProjector(**kwargs)
-    if kind == "trak":
-        return TrakProjector(dim=dim, seed=seed, **kwargs)
-    raise ConfigError(f"projector kind must be one of {ProjectorKind.__args__}, got {kind!r}")
+for _kind in (CountSketchProjector, GaussianProjector, IdentityProjector, TrakProjector):
+    PROJECTORS.register(_kind.kind, _kind)
+
+
+def build_projector(kind: str = "countsketch", dim: int = 8192, seed: int = 0, **kwargs) -> Projector:
+    """A projector by kind (see `rose_pl.registry.PROJECTORS`); `identity` ignores dim and seed."""
+    cls = PROJECTORS.get(kind)
+    if not (isinstance(cls, type) and issubclass(cls, Projector)):
+        raise ConfigError(f"projector {kind!r} is a {type(cls).__name__}, not a Projector subclass")
+    if cls is IdentityProjector:
+        return cls(**kwargs)
+    return cls(dim=dim, seed=seed, **kwargs)
 
 
 class NormalizingSink:
@@ -508,12 +510,13 @@ class NormalizingSink:
 class ProjectionCallback(pl.Callback):
     """Sets up the projector on the module's gradient shapes and installs it as `pl_module.gradient_sink`."""
 
-    def __init__(self, projector: Projector | None = None, kind: ProjectorKind = "countsketch", dim: int = 8192,
+    def __init__(self, projector: Projector | None = None, kind: str = "countsketch", dim: int = 8192,
                  seed: int = 0, normalize: bool = True):
         """
         Args:
             projector: A ready projector; when given, kind/dim/seed must stay at their defaults.
-            kind: countsketch (pure torch), gaussian (dense yardstick), identity (no projection) or trak.
+            kind: countsketch (pure torch), gaussian (dense yardstick), identity (no projection), trak, or any
+                kind registered in rose_pl.registry.PROJECTORS.
             dim: Projected dimension.
             seed: Seed of the random matrix (with each parameter's name).
             normalize: L2-normalize each feature row, as LESS and ROSE do.

@@ -15,7 +15,8 @@ import lightning.pytorch as pl
 import torch
 
 from rose_pl.config import LoRAArgs, OptimArgs, raise_if_problems
-from rose_pl.hub import DEFAULT_MODEL, load_causal_lm
+from rose_pl.config import DEFAULT_MODEL
+from rose_pl.hub import load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class LoRACausalLM(pl.LightningModule):
         return tokens
 
     def training_step(self, batch, batch_idx):
-        from rose_pl.objectives import sft_loss
+        from rose_pl.features.objectives import sft_loss
 
         # DDP averages gradients over ranks; normalizing by the global token count (times world size)
         # makes that average equal to the token mean over the global batch, as on one device.
@@ -134,7 +135,7 @@ class LoRACausalLM(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        from rose_pl.objectives import sft_loss
+        from rose_pl.features.objectives import sft_loss
 
         loss = sft_loss(self.model, batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])

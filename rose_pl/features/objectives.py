@@ -1,20 +1,24 @@
 """Training and validation objectives as pure functions, plus the per-sample objective classes.
 
 An objective maps `(model, batch) -> PerSampleLoss`: one loss per sample, computed from one or more
-rows of a single forward pass. It is the one extension point of the gradient stage: everything
-downstream (per-sample gradients, projection, the store) ignores which objective produced the loss.
+rows of a single forward pass. It is the one extension point of the gradient stage: `GradientFeatureModule`
+takes one (a class path in YAML, an object in Python) and everything downstream (per-sample gradients,
+projection, the store, scoring) ignores which objective produced the loss. To add one, subclass `Objective`:
+declare the batch kind it needs and implement `__call__` (and `metadata` if it has settings); then name it
+in YAML (`objective: {class_path: my_package.MyObjective}`) or register a `GradientMethod` that uses it.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-"""Label value of tokens that are not part of the loss (prompt and padding)."""
+from rose_pl.data.encoding import IGNORE_INDEX
+from rose_pl.errors import ConfigError
 
 _PAIR_KEYS = ("input_ids", "attention_mask", "labels")
 _PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
@@ -96,20 +100,42 @@ class PerSampleLoss:
         return self.losses.shape[0]
 
 
-class Objective(Protocol):
-    """Maps `(model, batch)` to per-sample losses; implement this to add an objective."""
+BatchKind = Literal["sft", "preference"]
 
+
+class Objective(ABC):
+    """Maps `(model, batch)` to per-sample losses; subclass it to add an objective.
+
+    `batch_kind` names the batches it needs: "sft" (`input_ids, attention_mask, labels`, from instruction rows
+    or a preference set's SFT view) or "preference" (`chosen_*` and `rejected_*`). `metadata()` is stored with
+    the features it produces, so features of different objectives (or settings) never mix.
+    """
+
+    batch_kind: ClassVar[BatchKind] = "sft"
+
+    @abstractmethod
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> PerSampleLoss: ...
 
+    def metadata(self) -> dict:
+        """What defines this objective's gradients (its class and settings)."""
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", **self.settings()}
 
-class SFTObjective:
-    """Per-sample token-mean SFT loss on an SFT batch (the LESS training-gradient objective)."""
+    def settings(self) -> dict:
+        """Settings that change the gradients (override when there are any)."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+        return f"{type(self).__name__}({args})"
+
+
+class SFTObjective(Objective):
+    """Per-sample token-mean SFT loss on an SFT batch (the LESS/ROSE training-gradient objective)."""
+
+    batch_kind = "sft"
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> PerSampleLoss:
         return PerSampleLoss(sft_loss_per_sample(model, batch))
-
-    def __repr__(self) -> str:
-        return "SFTObjective()"
 
 
 def _right_pad(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -127,7 +153,7 @@ def concat_pairs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-class DPOObjective:
+class DPOObjective(Objective):
     """Per-sample DPO loss on a preference batch (the ROSE validation objective).
 
     Chosen and rejected responses run in one forward pass (rows `0..N-1` chosen, `N..2N-1`
@@ -141,16 +167,21 @@ class DPOObjective:
     is irrelevant). Its loss values are not DPO losses.
     """
 
+    batch_kind = "preference"
+
     def __init__(self, beta: float = 0.1, reference: Literal["adapter_disabled", "none"] = "adapter_disabled"):
         """
         Args:
             beta: DPO temperature.
             reference: where reference log-probs come from: the adapter-disabled model, or none at all.
         """
+        problems = []
         if reference not in ("adapter_disabled", "none"):
-            raise ValueError(f"DPOObjective: reference must be 'adapter_disabled' or 'none', got {reference!r}")
+            problems.append(f"DPOObjective: reference must be 'adapter_disabled' or 'none', got {reference!r}")
         if not beta > 0:
-            raise ValueError(f"DPOObjective: beta must be positive, got {beta}")
+            problems.append(f"DPOObjective: beta must be positive, got {beta}")
+        if problems:
+            raise ConfigError(problems)
         self.beta = float(beta)
         self.reference = reference
 
@@ -185,5 +216,5 @@ class DPOObjective:
         chosen, rejected = self.policy_logps(model, batch)
         return PerSampleLoss(dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta), rows)
 
-    def __repr__(self) -> str:
-        return f"DPOObjective(beta={self.beta}, reference={self.reference!r})"
+    def settings(self) -> dict:
+        return {"beta": self.beta, "reference": self.reference}

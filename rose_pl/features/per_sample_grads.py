@@ -21,8 +21,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from rose_pl.errors import CheckpointError
-from rose_pl.objectives import Objective
+from rose_pl.features.objectives import Objective
 
 
 class GradientSink(Protocol):
@@ -35,8 +34,8 @@ class GradientSink(Protocol):
     def finish(self): ...
 
 
-class _DictSink:
-    """Collects blocks into `{name: (S, *shape)}` in the given name order."""
+class BlockSink:
+    """Collects blocks into `{name: (S, *shape)}` in the given name order (no projection)."""
 
     def __init__(self, names: list[str]):
         self.names = names
@@ -49,75 +48,6 @@ class _DictSink:
 
     def finish(self) -> dict[str, torch.Tensor]:
         return {name: self.blocks[name] for name in self.names}
-
-
-class ConcatSink:
-    """Flattens and concatenates blocks in `names` order: `(S, total_dim)` float32 (no projection)."""
-
-    def __init__(self, names: list[str]):
-        self.names = list(names)
-
-    def begin(self, num_samples: int, device: torch.device) -> None:
-        self.blocks: dict[str, torch.Tensor] = {}
-
-    def add(self, name: str, grad: torch.Tensor) -> None:
-        self.blocks[name] = grad.reshape(grad.shape[0], -1)
-
-    def finish(self) -> torch.Tensor:
-        missing = [n for n in self.names if n not in self.blocks]
-        unexpected = [n for n in self.blocks if n not in self.names]
-        if missing or unexpected:
-            raise ValueError(f"ConcatSink: missing blocks {missing}, unexpected blocks {unexpected}")
-        return torch.cat([self.blocks[n] for n in self.names], dim=1)
-
-
-def adam_direction(grad, exp_avg, exp_avg_sq, beta1: float, beta2: float, eps: float) -> torch.Tensor:
-    """LESS's Adam update direction `m' / sqrt(v' + eps)` after one more step on `grad`.
-
-    `m' = beta1 m + (1 - beta1) g`, `v' = beta2 v + (1 - beta2) g^2`; eps inside the root and no
-    bias correction, as in LESS. `grad` may carry leading sample dims; the state broadcasts.
-    """
-    # lerp(a, b, w) = a + w (b - a) = (1 - w) a + w b: the moment updates in one kernel each.
-    m = torch.lerp(exp_avg, grad, 1 - beta1)
-    v = torch.lerp(exp_avg_sq, grad * grad, 1 - beta2)
-    return m.div_(v.add_(eps).sqrt_())
-
-
-class AdamTransformSink:
-    """Applies `adam_direction` with each parameter's saved AdamW state before passing blocks on.
-
-    `state[name] = (exp_avg, exp_avg_sq)`; betas and eps come from the saved optimizer, so they
-    have no defaults here.
-    """
-
-    def __init__(self, inner: GradientSink, state: dict, beta1: float, beta2: float, eps: float):
-        self.inner = inner
-        self.state = state
-        self.beta1, self.beta2, self.eps = beta1, beta2, eps
-        self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def begin(self, num_samples: int, device: torch.device) -> None:
-        self.inner.begin(num_samples, device)
-
-    def _moments(self, name: str, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = self._on_device.get(name)
-        if cached is None or cached[0].device != grad.device:
-            if name not in self.state:
-                raise CheckpointError(f"no Adam state for parameter {name!r} in the checkpoint")
-            exp_avg, exp_avg_sq = (t.to(grad.device, torch.float32) for t in self.state[name])
-            if exp_avg.shape != grad.shape[1:] or exp_avg_sq.shape != grad.shape[1:]:
-                raise CheckpointError(
-                    f"Adam state of {name!r} has shape {tuple(exp_avg.shape)}, parameter has {tuple(grad.shape[1:])}"
-                )
-            cached = self._on_device[name] = (exp_avg, exp_avg_sq)
-        return cached
-
-    def add(self, name: str, grad: torch.Tensor) -> None:
-        exp_avg, exp_avg_sq = self._moments(name, grad)
-        self.inner.add(name, adam_direction(grad, exp_avg, exp_avg_sq, self.beta1, self.beta2, self.eps))
-
-    def finish(self):
-        return self.inner.finish()
 
 
 @dataclass(eq=False)
@@ -281,7 +211,7 @@ class PerSampleGradients:
             state.calls = state.pending = 0
             state.emitted = False
             state.acc = {}
-        self._sink = sink if sink is not None else _DictSink(self.names)
+        self._sink = sink if sink is not None else BlockSink(self.names)
         try:
             with self._hooks(), torch.enable_grad():
                 result = objective(self.model, batch)
