@@ -1,66 +1,107 @@
-"""Command line: `python -m rose_pl {fit,validate,predict,score,select,evaluate,run} --config FILE.yaml`.
+"""Command line: `rose-pl COMMAND [options]` (or `python -m rose_pl`).
 
-fit/validate/predict are LightningCLI: the model, data, trainer (devices, strategy, num_nodes) and
-callbacks all come from YAML, so DDP, FSDP or several nodes is a config change. The other subcommands are
-plain functions parsed by jsonargparse from the same kind of YAML.
+fit/validate/test/predict are LightningCLI: the model, data, trainer (devices, strategy, num_nodes) and
+callbacks all come from YAML, so DDP, FSDP or several nodes is a config change. run/score/select/evaluate/
+prepare-model are typed functions parsed by jsonargparse from the same kind of YAML. Global options (before
+the command) set the log level and whether errors show their traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+from rose_pl import __version__
+from rose_pl.console import configure_logging, report_error
+from rose_pl.errors import RoseError
+
+PROG = "rose-pl"
+
+COMMANDS = {
+    "run": "the whole pipeline, one output folder: warmup, gradients, scores, selection, fine-tune, evaluation, "
+           "per target (resumes, skips what is done)",
+    "fit": "LightningCLI fit: train a LightningModule from YAML (the warmup, a fine-tune)",
+    "validate": "LightningCLI validate",
+    "test": "LightningCLI test",
+    "predict": "LightningCLI predict: gradient features, task-mean gradients or exact scores of one checkpoint",
+    "score": "ROSE Eq. 7 scores from feature stores (projected) or exact score stores, max over tasks",
+    "select": "the top of the pool by score, written in the pool's own format, with a report",
+    "evaluate": "a base model or fine-tuned adapter on a test set (preference pairs or prompts with golden answers)",
+    "prepare-model": "convert the embedded default model once and print its folder",
+}
+LIGHTNING = ("fit", "validate", "test", "predict")
+
+
+def _parser() -> argparse.ArgumentParser:
+    width = max(map(len, COMMANDS))
+    epilog = "commands:\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
+    epilog += f"\n\nEvery option of a command: {PROG} COMMAND --help. Example: {PROG} run --config configs/rose.yaml"
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
+        description="Reward-oriented data selection (ROSE) for LLM instruction tuning, on PyTorch Lightning.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    level = parser.add_mutually_exclusive_group()
+    level.add_argument("-v", "--verbose", action="store_const", dest="log_level", const="DEBUG",
+                       help="log everything (DEBUG)")
+    level.add_argument("-q", "--quiet", action="store_const", dest="log_level", const="WARNING",
+                       help="log warnings and errors only")
+    level.add_argument("--log_level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="console log level")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of rose-pl's own errors")
+    parser.add_argument("command", nargs="?", metavar="COMMAND", help="one of the commands below")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
 
 
 def _extra_commands() -> dict:
     from rose_pl import commands
 
-    return {
-        "score": commands.score,
-        "select": commands.select,
-        "evaluate": commands.evaluate,
-        "run": commands.run_argv,
-        "prepare-model": commands.prepare_model,
-    }
+    return {"score": commands.score, "select": commands.select, "evaluate": commands.evaluate,
+            "prepare-model": commands.prepare_model}
 
 
-def lightning_cli(args: list[str] | None = None, run: bool = True):
-    """LightningCLI over any LightningModule / LightningDataModule named by `class_path` in the YAML."""
-    import warnings
+def dispatch(command: str, args: list[str]):
+    """Run one command with its own arguments (no global options)."""
+    if command == "run":
+        from rose_pl.commands import run_argv
 
-    import lightning.pytorch as pl
-    from lightning.pytorch.cli import LightningCLI
+        return run_argv(args)
+    if command in LIGHTNING:
+        from rose_pl.pipeline.lightning import lightning_cli
 
-    # The pipeline calls stages in-process with explicit args while sys.argv holds `run ...`.
-    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-    return LightningCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-    )
+        return lightning_cli([command, *args])
+    extra = _extra_commands()
+    from jsonargparse import auto_cli
+
+    return auto_cli(extra[command], args=args, as_positional=False, parser_class=_prog_parser(command))
+
+
+def _prog_parser(command: str):
+    from jsonargparse import ArgumentParser
+
+    class Parser(ArgumentParser):
+        def __init__(self, *a, **kw):
+            kw.setdefault("prog", f"{PROG} {command}")
+            super().__init__(*a, **kw)
+
+    return Parser
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    extra = _extra_commands()
-    if argv and argv[0] == "run":
-        extra["run"](argv[1:])
-        return
-    if argv and argv[0] in extra:
-        from jsonargparse import auto_cli
-
-        auto_cli(extra[argv[0]], args=argv[1:], as_positional=False)
-        return
-    if argv and argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
-        sys.exit(f"rose_pl: unknown command {argv[0]!r}; use one of {', '.join(LIGHTNING_COMMANDS + tuple(extra))}")
-    lightning_cli(argv)
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        raise SystemExit(0)
+    if ns.command not in COMMANDS:
+        parser.exit(2, f"{PROG}: unknown command {ns.command!r}; use one of {', '.join(COMMANDS)}\n")
+    configure_logging(ns.log_level or "INFO")
+    try:
+        dispatch(ns.command, ns.args)
+    except RoseError as error:
+        logging.getLogger(__name__).debug("failed", exc_info=True)
+        raise SystemExit(report_error(error, ns.debug)) from None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""The subcommands next to LightningCLI's: score, select, evaluate, run, prepare-model.
+"""The commands next to LightningCLI's: run, score, select, evaluate, prepare-model.
 
-Each is a typed function; jsonargparse builds its `--help`, `--config FILE.yaml` and flags from the
-signature and docstring, so the YAML keys are the argument names.
+Each is a typed function; jsonargparse builds its `--help`, `--config FILE.yaml` and flags from the signature
+and docstring, so the YAML keys are the argument names. Each reads and checks its inputs before any work.
 """
 
 from __future__ import annotations
@@ -9,49 +9,72 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Literal, Union
 
+from rose_pl.config import DEFAULT_MODEL, JudgeArgs, PreferenceArgs
 from rose_pl.errors import ConfigError
-from rose_pl.hub import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
 
 def score(
-    train: list[str],
-    val: list[str],
-    validation_data: str,
     pool: str,
     output: str,
-    shots_per_task: int | None = None,
+    validation_data: str | None = None,
+    shots_per_task: Union[int, Literal["all"], None] = None,
+    train: list[str] | None = None,
+    val: list[str] | None = None,
+    exact: list[str] | None = None,
+    side: str = "val_dpo",
     weights: list[float] | None = None,
     block_size: int | None = None,
     device: str | None = None,
+    duplicate_ids: Literal["error", "rename"] = "error",
+    on_invalid_pair: Literal["error", "drop"] = "error",
 ) -> None:
-    """ROSE Eq. 7: checkpoint-weighted inner products of train and validation features, max over tasks.
+    """ROSE Eq. 7: checkpoint-weighted inner products of pool and validation gradients, max over tasks.
+
+    Give either projected feature stores (`train` and `val`, one per checkpoint, with `validation_data` for
+    the task ids) or exact score stores (`exact`, one per checkpoint, and the validation `side` to score).
 
     Args:
-        train: Training feature stores, one per checkpoint (e.g. runs/x/features/train/epoch-{1..4}).
-        val: Validation feature stores, same checkpoints in the same order.
-        validation_data: The validation file the val stores were computed from (for its task ids).
-        pool: The pool file the train stores were computed from (for the ids of the scored rows).
+        pool: The pool file the stores were computed from (ids of the scored rows).
         output: Folder for the scores.
-        shots_per_task: ROSE JSON only: row i of validation_data belongs to task i // shots_per_task.
+        validation_data: Projected: the validation file the val stores were computed from (its task ids).
+        shots_per_task: ROSE JSON validation files: row i belongs to task i // shots_per_task ('all': one task).
+        train: Projected: training feature stores, one per checkpoint (e.g. runs/x/features/train/epoch-{1..4}).
+        val: Projected: validation feature stores, same checkpoints in the same order.
+        exact: Exact: score stores of one target, one per checkpoint (runs/x/targets/T/exact/epoch-{1..4}).
+        side: Exact: which validation side's columns to score (val_dpo for ROSE, val_sft for LESS).
         weights: Checkpoint weights; default: each checkpoint's mean learning rate from the store metadata.
         block_size: Training rows scored per block (memory vs speed); default influence.DEFAULT_BLOCK_SIZE.
         device: cpu or cuda; default: cuda when available (logged).
+        duplicate_ids: Pool rows that repeat an id: error, or rename them as the stores' run did.
+        on_invalid_pair: Validation pairs with an empty side or chosen == rejected: error, or drop (as the run did).
     """
     from rose_pl.data.formats import read_instructions, read_preferences
-    from rose_pl.influence import DEFAULT_BLOCK_SIZE, save_scores, score_stores
-    from rose_pl.scoring import checkpoint_weights
+    from rose_pl.selection.influence import DEFAULT_BLOCK_SIZE, exact_scores, save_scores, score_stores
 
-    examples = read_instructions(pool)
-    task_ids = [v.task for v in read_preferences(validation_data, shots_per_task=shots_per_task)]
-    w = weights if weights is not None else checkpoint_weights([Path(t) for t in train])
-    result = score_stores(train, val, task_ids, w, block_size=block_size or DEFAULT_BLOCK_SIZE, device=device)
+    projected = train is not None or val is not None
+    if projected == (exact is not None):
+        raise ConfigError("give either train + val (projected feature stores) or exact (exact score stores)")
+    problems = [f"{name}: {p} does not exist" for name, paths in (("train", train), ("val", val), ("exact", exact))
+                for p in paths or [] if not Path(p).exists()]
+    if projected and (not train or not val or validation_data is None):
+        problems.append("projected scoring needs train, val and validation_data")
+    if problems:
+        raise ConfigError(problems)
+    examples = read_instructions(pool, duplicate_ids)
+    if projected:
+        task_ids = [v.task for v in read_preferences(validation_data, shots_per_task, on_invalid_pair=on_invalid_pair)]
+        result = score_stores(train, val, task_ids, weights, block_size=block_size or DEFAULT_BLOCK_SIZE, device=device)
+    else:
+        result = exact_scores(exact, side, weights, block_size=block_size or DEFAULT_BLOCK_SIZE)
     if result.num_rows != len(examples):
-        raise ConfigError(f"{pool}: {len(examples)} rows but the train stores hold {result.num_rows}")
+        raise ConfigError(f"{pool}: {len(examples)} rows but the stores hold {result.num_rows}")
     save_scores(output, result, [e.id for e in examples], [e.dataset for e in examples],
-                meta={"pool": pool, "validation": validation_data, "train": train, "val": val})
+                meta={"pool": pool, "validation": validation_data, "train": train, "val": val, "exact": exact,
+                      "side": side if exact else None})
     log.info("scores written to %s", output)
 
 
@@ -63,6 +86,7 @@ def select(
     k: int | None = None,
     seed: int = 0,
     report: bool = True,
+    duplicate_ids: Literal["error", "rename"] = "error",
 ) -> None:
     """Keep the top of the pool by score and write it as JSONL in the pool's own format, plus a report.
 
@@ -74,17 +98,18 @@ def select(
         k: Keep exactly k examples.
         seed: Seed of the deterministic tie-breaking.
         report: Also write report.md and plots.
+        duplicate_ids: Pool rows that repeat an id: error, or rename them as the scoring did.
     """
     from rose_pl.data.formats import read_instructions
-    from rose_pl.influence import load_scores
-    from rose_pl.scoring import write_selection_and_report
+    from rose_pl.selection.influence import load_scores
+    from rose_pl.selection.select import select_and_write
 
     saved = load_scores(scores)
-    examples = read_instructions(pool)
+    examples = read_instructions(pool, duplicate_ids)
     if [e.id for e in examples] != list(saved.ids):
         raise ConfigError(f"{scores}: the scored ids are not the rows of {pool} (different file or order)")
-    write_selection_and_report(Path(output_dir), saved.result, examples, source=pool, fraction=fraction, k=k,
-                               seed=seed, title=f"Selection from {scores}", report=report)
+    select_and_write(Path(output_dir), saved.result, examples, source=pool, fraction=fraction, k=k, seed=seed,
+                     title=f"Selection from {scores}", report=report)
 
 
 def evaluate(
@@ -95,88 +120,57 @@ def evaluate(
     beta: float = 0.1,
     batch_size: int = 8,
     max_seq_length: int = 2048,
-    judge_url: str | None = None,
-    judge_model: str | None = None,
-    judge_api_key_env: str | None = "OPENAI_API_KEY",
-    max_new_tokens: int = 256,
+    chat_template: str = "tulu",
+    preference: PreferenceArgs | None = None,
+    shots_per_task: Union[int, Literal["all"], None] = None,
+    prompt_format: Literal["chat", "raw"] = "chat",
+    judge: JudgeArgs | None = None,
+    judgements: str | None = None,
+    dtype: str = "float32",
     label: str | None = None,
 ) -> None:
-    """Evaluate a base model or a fine-tuned adapter on held-out preference pairs (and optionally a judge).
+    """Evaluate a base model or a fine-tuned adapter on a test set: preference pairs (accuracy, implicit reward,
+    SFT loss; with a judge, the win rate against the chosen answers) or prompts with golden answers (the
+    judge's win rate against them, both orders by default, with a 95% bootstrap interval).
 
     Args:
-        data: Held-out preference pairs (JSONL with task ids, or ROSE JSON).
+        data: Test set: preference pairs (JSONL with task ids, or ROSE JSON) or {"prompt", "golden_answer"} rows.
         output: JSON file for the results.
         model: Base model: hub id, local folder or the embedded default.
-        adapter: peft adapter folder (e.g. runs/x/finetune/rose/checkpoints/epoch-4/adapter); None: base model.
+        adapter: peft adapter folder (e.g. runs/x/targets/T/finetune/rose/checkpoints/epoch-4/adapter); None: base.
         beta: beta of the DPO implicit reward.
-        batch_size: Pairs per batch.
+        batch_size: Pairs or prompts per batch.
         max_seq_length: Tokens per sequence after truncation.
-        judge_url: OpenAI-compatible endpoint of an LLM judge (e.g. http://localhost:8000/v1); None: no win rate.
-        judge_model: Judge model name at that endpoint.
-        judge_api_key_env: Environment variable with the judge's API key.
-        max_new_tokens: Length of generated responses for the judge.
+        chat_template: Chat format the model was trained with (tulu, chatml, tokenizer or an import path).
+        preference: How preference pairs are tokenized (format rose or chat, max_prompt_length, prompt_truncation...).
+        shots_per_task: ROSE JSON test files: rows per task ('all' by default: tasks do not change the metrics).
+        prompt_format: Golden-answer prompts: in the chat template (chat, as trained) or as raw text (raw).
+        judge: OpenAI-compatible judge, e.g. {base_url: http://localhost:8000/v1, model: judge-model}.
+        judgements: JSONL of every prompt, answer and verdict (default: next to output).
+        dtype: Weights dtype of the model.
         label: Name of this result in tables (default: the adapter folder or 'base').
     """
-    from rose_pl.pipeline import JudgeArgs
+    from rose_pl.data.formats import kind_of_test_set, read_golden_answers, read_preferences
+    from rose_pl.evaluation.evaluate import evaluate_model
+    from rose_pl.pipeline.inputs import check_model, check_writable, preference_test_tasks
 
-    judge = None
-    if judge_url:
-        if not judge_model:
-            raise ConfigError("judge_model is required with judge_url")
-        judge = JudgeArgs(base_url=judge_url, model=judge_model, api_key_env=judge_api_key_env, max_new_tokens=max_new_tokens)
-    metrics = evaluate_adapter(model=model, adapter=adapter, data=data, output=output, beta=beta, batch_size=batch_size,
-                               max_seq_length=max_seq_length, judge=judge, label=label or (adapter or "base"))
-    print(json.dumps(metrics, indent=2))
-
-
-def evaluate_adapter(
-    model: str,
-    adapter: str | None,
-    data: str,
-    output: str,
-    beta: float = 0.1,
-    batch_size: int = 8,
-    max_seq_length: int = 2048,
-    judge=None,
-    label: str = "model",
-    shots_per_task: int | None = None,
-) -> dict:
-    """Held-out preference metrics, SFT loss on the chosen answers and (with a judge) the win rate
-    against the chosen answers, for `model` + `adapter`; written atomically to `output` and returned."""
-    import torch
-
-    from rose_pl.data.datamodule import FeatureDataModule
-    from rose_pl.evaluation import EvaluationResult, JudgeClient, evaluate_preferences, evaluate_sft_loss, generate_responses, win_rate
-    from rose_pl.hub import load_causal_lm
-
-    net = load_causal_lm(model)
-    if adapter:
-        from peft import PeftModel
-
-        net = PeftModel.from_pretrained(net, adapter)
-    net.eval()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    log.info("evaluating %s on %s (%s)", label, data, device)
-
-    def loader(kind: str):
-        dm = FeatureDataModule(data, model, kind=kind, max_seq_length=max_seq_length, batch_size=batch_size,
-                               shots_per_task=shots_per_task)
-        dm.setup("predict")
-        return dm, dm.predict_dataloader()
-
-    dm, pairs = loader("preference")
-    metrics = evaluate_preferences(net, pairs, beta=beta, device=device)
-    metrics.update(evaluate_sft_loss(net, loader("preference_sft")[1], device=device))
-    config = {"model": model, "adapter": adapter, "data": data, "beta": beta, "max_seq_length": max_seq_length}
-    if judge is not None:
-        examples = dm.examples[: judge.max_prompts] if judge.max_prompts else dm.examples
-        prompts = [e.prompt for e in examples]
-        responses = generate_responses(net, dm.tokenizer, prompts, max_new_tokens=judge.max_new_tokens, batch_size=batch_size)
-        client = JudgeClient(judge.base_url, judge.model, api_key_env=judge.api_key_env)
-        metrics.update(win_rate(client.judge_all(prompts, responses, [e.chosen for e in examples])))
-        config["judge"] = {"base_url": judge.base_url, "model": judge.model, "max_new_tokens": judge.max_new_tokens}
-    EvaluationResult(label, metrics, config).write_json(output)
-    return metrics
+    pref = preference or PreferenceArgs()
+    shots = preference_test_tasks(data, shots_per_task)
+    if kind_of_test_set(data) == "golden":
+        read_golden_answers(data)
+        if judge is None:
+            raise ConfigError(f"{data} holds prompts with golden answers: evaluating them needs a judge (--judge)")
+    else:
+        read_preferences(data, shots, pref.all_pairs, on_invalid_pair=pref.on_invalid_pair)
+    check_model(model)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"adapter: {adapter} is not a peft adapter folder (no adapter_config.json)")
+    check_writable(str(Path(output).parent))
+    metrics = evaluate_model(model, adapter, data, output, label=label or (adapter or "base"), beta=beta,
+                             batch_size=batch_size, max_seq_length=max_seq_length, chat_template=chat_template,
+                             preference=pref, shots_per_task=shots, prompt_format=prompt_format, judge=judge,
+                             judgements=judgements, dtype=dtype)
+    print(json.dumps(metrics, indent=2, default=str))
 
 
 def prepare_model(model: str = DEFAULT_MODEL) -> None:
@@ -191,16 +185,20 @@ def prepare_model(model: str = DEFAULT_MODEL) -> None:
 
 
 def run_argv(argv: list[str]) -> dict[str, str]:
-    """`python -m rose_pl run --config configs/rose.yaml [--key value ...]`; returns {stage: 'ran'|'skipped'}."""
+    """`rose-pl run --config configs/rose.yaml [--key value ...]`; returns {stage: 'ran'|'skipped'}."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from rose_pl.pipeline import RunArgs, run
+    from rose_pl.config import RunArgs
+    from rose_pl.pipeline.run import run
+    from rose_pl.pipeline.summary import print_summary
 
-    parser = ArgumentParser(prog="rose_pl run", description=run.__doc__ or "Run the whole ROSE pipeline.")
+    parser = ArgumentParser(prog="rose-pl run", description=RunArgs.__doc__, default_env=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML with the run's arguments")
     parser.add_class_arguments(RunArgs, nested_key=None, fail_untyped=True)
     cfg = parser.parse_args(argv)
     cfg.pop("config", None)
-    args = parser.instantiate_classes(cfg)
+    args = parser.instantiate(cfg)
     run_args = RunArgs(**{k: getattr(args, k) for k in RunArgs.__dataclass_fields__})
-    return run(run_args)
+    done = run(run_args)
+    print_summary(run_args, done, argv)
+    return done

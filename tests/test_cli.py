@@ -1,5 +1,7 @@
 """Every shipped YAML parses against the current signatures (so configs cannot rot), and the CLI dispatches."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,12 +9,14 @@ import pytest
 from rose_pl.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-LIGHTNING = {"warmup.yaml": "fit", "finetune.yaml": "fit", "grads_train.yaml": "predict", "grads_val.yaml": "predict"}
-OTHER = {"score.yaml": "score", "select.yaml": "select", "evaluate.yaml": "evaluate", "rose.yaml": "run"}
+LIGHTNING = {"warmup.yaml": "fit", "finetune.yaml": "fit", "grads_train.yaml": "predict", "grads_val.yaml": "predict",
+             "means_val.yaml": "predict", "exact_train.yaml": "predict"}
+OTHER = {"score.yaml": "score", "select.yaml": "select", "evaluate.yaml": "evaluate", "rose.yaml": "run",
+         "paper/rose.yaml": "run"}
 
 
 def test_every_config_file_is_covered():
-    assert {p.name for p in CONFIGS.glob("*.yaml")} == set(LIGHTNING) | set(OTHER)
+    assert {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")} == set(LIGHTNING) | set(OTHER)
 
 
 @pytest.mark.parametrize("name", sorted(LIGHTNING) + sorted(OTHER))
@@ -25,6 +29,22 @@ def test_config_parses_against_the_signatures(name, capsys):
     assert printed.strip(), f"{name}: nothing printed"
 
 
+def test_the_paper_preset_holds_the_papers_settings(capsys):
+    import yaml
+
+    with pytest.raises(SystemExit):
+        main(["run", "--config", str(CONFIGS / "paper" / "rose.yaml"), "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"] == "meta-llama/Llama-3.1-8B"
+    assert (cfg["warmup"]["epochs"], cfg["warmup"]["optim"]["lr"], cfg["warmup"]["fraction"]) == (4, 2e-5, 0.05)
+    assert cfg["warmup"]["lora"] == {"r": 128, "alpha": 512, "dropout": 0.1,
+                                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    assert (cfg["features"]["dim"], cfg["selection"]["fraction"], cfg["data"]["max_seq_length"]) == (8192, 0.05, 2048)
+    assert (cfg["trainer"]["devices"], cfg["trainer"]["strategy"], cfg["trainer"]["precision"]) == (4, "ddp", "bf16-mixed")
+    assert {t: v["shots_per_task"] for t, v in cfg["targets"].items()} == {"se": 2, "shp": 5, "hh": 1}
+    assert cfg["targets"]["hh"]["preference"]["prompt_truncation"] == "keep_end"
+
+
 def test_a_bad_key_in_a_config_is_refused(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text((CONFIGS / "rose.yaml").read_text().replace("max_seq_length: 512", "max_seq_lenght: 512"))
@@ -34,7 +54,32 @@ def test_a_bad_key_in_a_config_is_refused(tmp_path, capsys):
     assert "max_seq_lenght" in capsys.readouterr().err
 
 
-def test_unknown_command_names_the_known_ones():
+def test_unknown_command_names_the_known_ones(capsys):
     with pytest.raises(SystemExit) as e:
         main(["frobnicate"])
-    assert "score" in str(e.value) and "fit" in str(e.value)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "frobnicate" in err and "score" in err and "fit" in err
+
+
+def test_help_lists_every_command_under_the_tools_name():
+    out = subprocess.run([sys.executable, "-m", "rose_pl", "--help"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("usage: rose-pl")
+    for command in ("run", "fit", "validate", "test", "predict", "score", "select", "evaluate", "prepare-model"):
+        assert f"\n  {command} " in out, command
+    version = subprocess.run([sys.executable, "-m", "rose_pl", "--version"], capture_output=True, text=True, check=True)
+    from rose_pl import __version__
+
+    assert version.stdout.strip() == f"rose-pl {__version__}"
+
+
+@pytest.mark.parametrize("command", ["run", "score", "select", "evaluate", "fit", "predict"])
+def test_each_commands_help_documents_its_options(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "rose-pl" in out.splitlines()[0]
+    expected = {"run": "--data.on_empty", "score": "--exact", "select": "--fraction", "evaluate": "--judge",
+                "fit": "--trainer", "predict": "--trainer"}[command]
+    assert expected in out

@@ -1,28 +1,22 @@
 import importlib.util
 import json
+import logging
 import math
-import socket
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 from torchmetrics.utilities import dim_zero_sum
 
-from rose_pl.errors import JudgeError
-from rose_pl.evaluation import (
+from rose_pl.data.encoding import Encoder
+from rose_pl.errors import ConfigError
+from rose_pl.evaluation.generation import cut_at_stop, encode_prompts, generate, truncate_prompt
+from rose_pl.evaluation.metrics import (
     EvaluationResult,
-    JudgeClient,
     PreferenceAccuracy,
     RewardAccuracy,
     RewardMargin,
     evaluate_preferences,
     evaluate_sft_loss,
-    generate_responses,
-    parse_verdict,
-    results_table,
-    win_rate,
 )
 from rose_pl.testing import tiny_llama
 
@@ -108,8 +102,8 @@ def _per_pair(model, tokenizer, pairs):
 
 def _logprobs_fn(which):
     if which == "objectives":
-        if importlib.util.find_spec("rose_pl.objectives") is None:
-            pytest.skip("rose_pl.objectives not written yet")
+        if importlib.util.find_spec("rose_pl.features.objectives") is None:
+            pytest.skip("rose_pl.features.objectives not written yet")
         return None  # the default: objectives.sequence_logprobs
     return _ref_logprobs
 
@@ -147,14 +141,14 @@ def test_preference_metrics_do_not_depend_on_batch_size(tokenizer):
 
 
 def test_works_on_batches_of_the_data_layer(tokenizer):
-    if importlib.util.find_spec("rose_pl.data.collate") is None or importlib.util.find_spec("rose_pl.objectives") is None:
-        pytest.skip("rose_pl.data / rose_pl.objectives not written yet")
-    from rose_pl.data.chat import encode_preference
+    if importlib.util.find_spec("rose_pl.data.collate") is None or importlib.util.find_spec("rose_pl.features.objectives") is None:
+        pytest.skip("rose_pl.data / rose_pl.features.objectives not written yet")
     from rose_pl.data.collate import PreferenceCollator
     from rose_pl.data.formats import PreferenceExample
 
+    encoder = Encoder(tokenizer, 256, preference_format="rose", max_prompt_length=64)
     features = [
-        {**encode_preference(PreferenceExample(str(i), "t", *pair), tokenizer, 256), "index": i} for i, pair in enumerate(PAIRS)
+        {**encoder.encode_preference(PreferenceExample(str(i), "t", *pair)), "index": i} for i, pair in enumerate(PAIRS)
     ]
     collate = PreferenceCollator(tokenizer.pad_token_id)
     model = _peft_model(seed=5)
@@ -225,141 +219,83 @@ def test_sft_loss_is_token_mean_and_per_sample_mean(tokenizer, which):
     assert got["sft_loss_per_sample"] == pytest.approx(sum(n / k for n, k in zip(nll, counts)) / 5, abs=ATOL)
 
 
-# ----------------------------------------------------------------------------- judge
-ANSWERS = {"q-win": "A", "q-loss": "**B**", "q-tie": "Tie.", "q-verdict": "Verdict: [[A]]\nbecause...", "q-garbage": "Both are fine I guess"}
-
-
-class _JudgeHandler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-        if self.path.startswith("/fail/"):
-            return self._send(500, {"error": "overloaded"})
-        if self.path.startswith("/slow/"):
-            time.sleep(1.0)
-        if self.path.rstrip("/").split("/v1")[-1] != "/chat/completions":
-            return self._send(404, {"error": "no such route"})
-        prompt = body["messages"][-1]["content"]
-        # the server checks the request: model name, model response shown first as Response A
-        if body.get("model") != "judge-model":
-            return self._send(400, {"error": f"unknown model {body.get('model')}"})
-        order = [prompt.find(s) for s in ("[Response A]", "MODEL-RESPONSE", "[Response B]", "REFERENCE-RESPONSE")]
-        if -1 in order or order != sorted(order):
-            return self._send(400, {"error": "model response must be Response A, the reference Response B"})
-        answer = next(a for key, a in ANSWERS.items() if key in prompt)
-        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]})
-
-
-@pytest.fixture(scope="module")
-def judge_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _JudgeHandler)
-    server.requests = []
-    server.handle_error = lambda *args: None  # the slow route writes to a socket the client closed
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-
-
-def test_judge_client_against_local_server_counts_verdicts(judge_server, monkeypatch):
-    server, url = judge_server
-    monkeypatch.setenv("ROSE_TEST_JUDGE_KEY", "sekrit")
-    client = JudgeClient(url + "/v1/", "judge-model", api_key_env="ROSE_TEST_JUDGE_KEY", retry_backoff=0)
-    keys = ["q-win", "q-loss", "q-tie", "q-verdict", "q-garbage", "q-win"]
-    start = len(server.requests)
-    verdicts = client.judge_all(keys, [f"MODEL-RESPONSE {k}" for k in keys], [f"REFERENCE-RESPONSE {k}" for k in keys])
-
-    assert verdicts == ["win", "loss", "tie", "win", "invalid", "win"]
-    assert client.invalid_answers == [{"instruction": "q-garbage", "answer": ANSWERS["q-garbage"]}]
-    requests = server.requests[start:]
-    assert len(requests) == len(keys)
-    assert all(r["path"] == "/v1/chat/completions" and r["auth"] == "Bearer sekrit" for r in requests)
-    assert requests[0]["body"]["model"] == "judge-model"
-    assert win_rate(verdicts) == {"win_rate": 3.5 / 5, "wins": 3, "losses": 1, "ties": 1, "invalid": 1, "n": 6}
-
-
-def test_unreachable_judge_raises_judge_error_naming_the_url():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed once the block ends: connections are refused
-    client = JudgeClient(f"http://127.0.0.1:{port}/v1", "judge-model", max_retries=1, retry_backoff=0)
-    with pytest.raises(JudgeError, match=rf"judge endpoint http://127\.0\.0\.1:{port}/v1/chat/completions unreachable"):
-        client.judge_pair("q-win", "MODEL-RESPONSE", "REFERENCE-RESPONSE")
-
-
-def test_http_500_is_retried_then_raises(judge_server):
-    server, url = judge_server
-    client = JudgeClient(url + "/fail/v1", "judge-model", max_retries=2, retry_backoff=0)
-    start = len(server.requests)
-    with pytest.raises(JudgeError, match=r"/fail/v1/chat/completions answered HTTP 500.*after 3 attempts"):
-        client.judge_pair("q-win", "MODEL-RESPONSE", "REFERENCE-RESPONSE")
-    assert len(server.requests) - start == 3
-
-
-def test_client_error_is_not_retried_and_timeout_raises(judge_server):
-    server, url = judge_server
-    start = len(server.requests)
-    with pytest.raises(JudgeError, match="HTTP 400.*unknown model wrong-model"):
-        JudgeClient(url + "/v1", "wrong-model", max_retries=2, retry_backoff=0).judge_pair("q-win", "MODEL-RESPONSE", "REFERENCE-RESPONSE")
-    assert len(server.requests) - start == 1
-    with pytest.raises(JudgeError, match=r"/slow/v1/chat/completions unreachable: .*timed out"):
-        JudgeClient(url + "/slow/v1", "judge-model", timeout=0.2, max_retries=0).judge_pair("q-win", "MODEL-RESPONSE", "REFERENCE-RESPONSE")
-
-
-def test_parse_verdict_and_win_rate_edge_cases():
-    assert [parse_verdict(a) for a in ["A", " b. ", "Response A", "**tie**", "Final verdict: B", "`A`\nmore"]] == [
-        "A", "B", "A", "tie", "B", "A",
-    ]
-    assert [parse_verdict(a) for a in ["", None, "A and B", "I prefer A", "AB"]] == [None] * 5
-    assert math.isnan(win_rate(["invalid"])["win_rate"])
-    with pytest.raises(ValueError, match="unknown verdict"):
-        win_rate(["won"])
-
-
 # ----------------------------------------------------------------------------- generation
-def test_generate_responses_returns_new_text_within_budget(tokenizer):
+PROMPTS = ["Tell me a long story about a dragon and a knight.", "hi", "What is 2+2?", "Name three colours, please."]
+
+
+def _greedy_reference(model, ids, max_new_tokens, eos_id):
+    """Independent reference: one unpadded, uncached full forward per new token, argmax, stop at EOS."""
+    ids, new = list(ids), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            if token == eos_id:
+                break
+            new.append(token)
+    return new
+
+
+def test_generate_equals_a_token_by_token_greedy_loop_in_input_order(tokenizer):
     model = tiny_llama(seed=4)
-    prompts = ["Tell me a long story about a dragon and a knight.", "hi", "What is 2+2?"]
-    old_side = tokenizer.padding_side
-    batched = generate_responses(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
-    single = generate_responses(model, tokenizer, prompts, max_new_tokens=6, batch_size=1)
-    assert all(isinstance(t, str) for t in batched) and len(batched) == len(prompts)
-    assert all(len(t) <= 6 for t in batched), "one byte token decodes to at most one character"
-    assert batched == single, "left padding must not change greedy outputs"
-    assert tokenizer.padding_side == old_side
+    model.train()
+    encoded = encode_prompts(tokenizer, PROMPTS, max_seq_length=128, max_new_tokens=6)
+    batched = generate(model, tokenizer, encoded.ids, max_new_tokens=6, batch_size=3, stop_texts=[])
+    single = generate(model, tokenizer, encoded.ids, max_new_tokens=6, batch_size=1, stop_texts=[])
+    want = [tokenizer.decode(_greedy_reference(model, ids, 6, tokenizer.eos_token_id)).strip() for ids in encoded.ids]
+    assert batched == want, "left padding and length-sorted batches must not change greedy answers or their order"
+    assert single == want
+    assert model.training, "generation must restore the model's training mode"
+
+
+def test_generate_cuts_at_the_first_stop_text(tokenizer):
+    model = tiny_llama(seed=4)
+    encoded = encode_prompts(tokenizer, PROMPTS[:1], max_seq_length=128, max_new_tokens=12)
+    full = generate(model, tokenizer, encoded.ids, max_new_tokens=12, stop_texts=[])[0]
+    assert len(full) >= 4, "the test needs a few generated characters"
+    stop = full[2:4]
+    cut = generate(model, tokenizer, encoded.ids, max_new_tokens=12, stop_texts=["never-generated", stop])[0]
+    assert cut == full[: full.find(stop)].strip()
+    assert cut_at_stop(" ab<|user|>cd</s>", ["</s>", "<|"]) == "ab"
+    assert cut_at_stop(" plain ", ["</s>"]) == "plain"
+
+
+def test_encode_prompts_chat_raw_and_truncation(tokenizer, caplog):
+    chat = encode_prompts(tokenizer, PROMPTS, prompt_format="chat", chat_template="tulu", max_seq_length=128, max_new_tokens=8)
+    encoder = Encoder(tokenizer, 128, "tulu", preference_format=None)
+    assert chat.ids == [encoder.encode_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
+    assert tokenizer.decode(chat.ids[1]) == "<|user|>\nhi\n<|assistant|>\n"
+    assert chat.stop_texts == encoder.template.stop_texts(tokenizer) and tokenizer.eos_token in chat.stop_texts
+    assert chat.num_truncated == 0
+
+    raw = encode_prompts(tokenizer, PROMPTS, prompt_format="raw", max_seq_length=128, max_new_tokens=8)
+    assert raw.ids == [tokenizer(p)["input_ids"] for p in PROMPTS] and raw.stop_texts == [tokenizer.eos_token]
+
+    with caplog.at_level(logging.WARNING, logger="rose_pl.evaluation.generation"):
+        short = encode_prompts(tokenizer, PROMPTS, prompt_format="chat", max_seq_length=36, max_new_tokens=8)
+    budget = 36 - 8
+    assert short.num_truncated == sum(len(ids) > budget for ids in chat.ids) == 3
+    assert short.ids == [ids[-budget:] for ids in chat.ids], "a too-long prompt keeps its last tokens"
+    assert "3 of 4 prompts" in caplog.text
+
+    assert truncate_prompt([1, 5, 6, 7, 8], 3, bos_token_id=1) == [1, 7, 8], "a leading BOS stays"
+    assert truncate_prompt([5, 6, 7, 8], 3, bos_token_id=1) == [6, 7, 8]
+    assert truncate_prompt([5, 6], 3, bos_token_id=1) == [5, 6]
+    with pytest.raises(ConfigError, match="max_seq_length .8. must exceed max_new_tokens .8."):
+        encode_prompts(tokenizer, PROMPTS, max_seq_length=8, max_new_tokens=8)
+    with pytest.raises(ConfigError, match="prompt_format: 'plain'"):
+        encode_prompts(tokenizer, PROMPTS, prompt_format="plain")
 
 
 # ----------------------------------------------------------------------------- results
-def test_result_json_is_atomic_strict_and_table_lines_methods_up(tmp_path):
-    rose = EvaluationResult("rose", {"pref_accuracy": 0.75, "reward_margin": float("nan"), "num_pairs": 8, "reference": "none"}, {"beta": 0.1})
+def test_result_json_is_atomic_strict_and_reads_back(tmp_path):
+    rose = EvaluationResult("rose", {"pref_accuracy": 0.75, "reward_margin": float("nan"), "num_pairs": 8,
+                                     "win_rate_ci": [0.5, float("inf")], "reference": "none"}, {"beta": 0.1})
     path = rose.write_json(tmp_path / "out" / "rose.json")
     text = path.read_text()
-    assert "NaN" not in text and json.loads(text)["metrics"]["reward_margin"] is None
-    assert [p.name for p in path.parent.iterdir()] == ["rose.json"]
+    assert "NaN" not in text and "Infinity" not in text
+    data = json.loads(text)
+    assert list(data) == ["method", "metrics", "config"], "keys in field order, not sorted"
+    assert data["metrics"]["reward_margin"] is None and data["metrics"]["win_rate_ci"] == [0.5, None]
+    assert [p.name for p in path.parent.iterdir()] == ["rose.json"], "no temporary file left"
     back = EvaluationResult.read_json(path)
     assert back.method == "rose" and back.config == {"beta": 0.1} and back.metrics["num_pairs"] == 8
-
-    table = results_table({"ROSE": back.metrics, "random": {"pref_accuracy": 0.5, "win_rate": 0.25}})
-    lines = table.strip().splitlines()
-    assert lines[0] == "| method | pref_accuracy | reward_margin | num_pairs | win_rate |"
-    assert lines[2] == "| ROSE | 0.7500 | n/a | 8 | - |"
-    assert lines[3] == "| random | 0.5000 | - | - | 0.2500 |"
-    assert rose.markdown_row(["num_pairs"]) == "| rose | 8 |"

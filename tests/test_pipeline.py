@@ -1,4 +1,5 @@
-"""The one-command pipeline: skip on rerun, resume after a real kill, refuse or redo stale stages."""
+"""The one-command pipeline on a tiny model: skip on rerun, resume after a real kill, refuse or redo stale stages,
+several targets from one pool pass, targets added later, exact and projected scoring."""
 
 import json
 import os
@@ -13,33 +14,44 @@ import pytest
 import yaml
 
 from rose_pl.errors import StaleOutputError
-from rose_pl.stages import RUN_MANIFEST
+from rose_pl.layout import RUN_MANIFEST
 
 DATA = Path(__file__).resolve().parents[1] / "data"
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 
 
 def small_inputs(root: Path) -> dict:
-    """24 pool rows from two domains, the demo validation set, 6 held-out pairs."""
+    """24 pool rows from two domains, the demo validation set split by task, 6 held-out pairs per task."""
     rows = [json.loads(line) for line in (DATA / "pool.jsonl").read_text().splitlines()]
     pool = [r for r in rows if r["dataset"] == "cooking"][:12] + [r for r in rows if r["dataset"] == "travel"][:12]
-    tests = [json.loads(line) for line in (DATA / "test.jsonl").read_text().splitlines()]
     (root / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pool))
+    val = [json.loads(line) for line in (DATA / "validation.jsonl").read_text().splitlines()]
+    tests = [json.loads(line) for line in (DATA / "test.jsonl").read_text().splitlines()]
+    for task in ("cooking", "python"):
+        (root / f"val_{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val if r["task"] == task))
+        (root / f"test_{task}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in [t for t in tests if t["task"] == task][:6]))
     (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tests[:3] + tests[-3:]))
     return {"pool": str(root / "pool.jsonl"), "test": str(root / "test.jsonl"), "validation": str(DATA / "validation.jsonl")}
 
 
+def target(root: Path, task: str, test: bool = True) -> dict:
+    return {"validation": str(root / f"val_{task}.jsonl"), "test": str(root / f"test_{task}.jsonl") if test else None}
+
+
 def run_config(root: Path, model_dir: Path, out: str, **overrides) -> Path:
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     cfg = {
         "output_dir": str(root / out),
         "model": str(model_dir),
         **small_inputs(root),
-        "max_seq_length": 192,
         "methods": ["rose", "less", "random", "bm25"],
-        "warmup": {"fraction": 0.25, "epochs": 2, "batch_size": 2, "lora": lora, "optim": {"lr": 1e-3}},
+        "data": {"max_seq_length": 192},
+        "preference": {"max_prompt_length": 96},
+        "warmup": {"fraction": 0.25, "epochs": 2, "batch_size": 2, "accumulate_grad_batches": 1, "lora": LORA,
+                   "optim": {"lr": 1e-3}},
         "features": {"dim": 32, "batch_size": 8},
         "selection": {"fraction": 0.25},
-        "finetune": {"methods": ["rose"], "epochs": 1, "batch_size": 2, "lora": lora, "optim": {"lr": 1e-3}},
+        "finetune": {"methods": ["rose"], "epochs": 1, "batch_size": 2, "lora": LORA, "optim": {"lr": 1e-3}},
         "evaluation": {"batch_size": 8},
         "trainer": {"accelerator": "cpu", "devices": 1},
     }
@@ -65,8 +77,13 @@ def manifest_stages(out: Path) -> dict:
     return json.loads((out / RUN_MANIFEST).read_text())["stages"]
 
 
-def selections(root: Path) -> dict:
-    return {m: (root / "selection" / m / "selected.jsonl").read_text() for m in ("rose", "less", "random", "bm25")}
+def selections(root: Path, target: str = "default") -> dict:
+    return {m: (root / "targets" / target / "selection" / m / "selected.jsonl").read_text()
+            for m in ("rose", "less", "random", "bm25")}
+
+
+def ran(result: dict, prefix: str) -> list[str]:
+    return sorted(k for k, v in result.items() if v == "ran" and k.startswith(prefix))
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +100,19 @@ def test_run_produces_every_stage_and_the_comparison(finished_run):
     out = root / "full"
     assert all(s["status"] == "complete" for s in stages.values())
     for m in ("rose", "less", "random", "bm25"):
-        assert (out / "selection" / m / "report.md").is_file()
-        assert len((out / "selection" / m / "selected.jsonl").read_text().splitlines()) == 6  # 25% of 24
+        assert (out / "targets" / "default" / "selection" / m / "report.md").is_file()
+        assert len((out / "targets" / "default" / "selection" / m / "selected.jsonl").read_text().splitlines()) == 6
     assert (out / "warmup" / "checkpoints" / "manifest.json").is_file()
-    evaluation = json.loads((out / "evaluation" / "rose.json").read_text())
+    evaluation = json.loads((out / "targets" / "default" / "evaluation" / "rose.json").read_text())
     assert evaluation["metrics"]["num_pairs"] == 6
     compare = (out / "compare.md").read_text()
-    assert "| rose |" in compare and "| base |" in compare
+    assert "## Target `default`" in compare and "| rose |" in compare and "| base |" in compare
+    # A new run scores exactly: no pool feature store, one exact score store per checkpoint.
+    assert json.loads((out / RUN_MANIFEST).read_text())["scoring"] == "exact"
+    assert not (out / "features").exists()
+    assert sorted(p.name for p in (out / "targets" / "default" / "exact").iterdir()) == ["epoch-1", "epoch-2"]
+    # Each stage's log file keeps what it logged.
+    assert "saved warmup checkpoint" in (out / "logs" / "warmup.log").read_text()
 
 
 @pytest.mark.slow
@@ -114,7 +137,7 @@ def test_a_killed_run_resumes_with_the_remaining_stages_only(finished_run, tiny_
         while time.time() < deadline and proc.poll() is None:
             if manifest.is_file():
                 state = json.loads(manifest.read_text())["stages"]
-                if state.get("features/train/epoch-1", {}).get("status") == "complete":
+                if state.get("targets/default/exact/epoch-1", {}).get("status") == "complete":
                     break
             time.sleep(0.2)
         assert proc.poll() is None, "the run finished before it could be killed"
@@ -138,8 +161,72 @@ def test_a_changed_warmup_is_refused_then_redone_with_its_dependents(finished_ru
     with pytest.raises(StaleOutputError, match="warmup"):
         run(config)
     result = run(config, "--on_change", "redo")
-    ran = {k for k, v in result.items() if v == "ran"}
-    assert {"warmup", "features/train/epoch-1", "features/val_dpo/epoch-2", "selection/rose", "selection/less",
-            "finetune/rose", "evaluation/rose", "compare"} <= ran
+    assert {"warmup", "targets/default/exact/epoch-1", "targets/default/means/val_dpo/epoch-2",
+            "targets/default/selection/rose", "targets/default/selection/less", "targets/default/finetune/rose",
+            "targets/default/evaluation/rose", "compare"} <= set(ran(result, ""))
     # Stages that do not depend on the warmup are kept.
-    assert {"selection/random", "selection/bm25", "evaluation/base"} <= {k for k, v in result.items() if v == "skipped"}
+    assert {"targets/default/selection/random", "targets/default/selection/bm25",
+            "targets/default/evaluation/base"} <= {k for k, v in result.items() if v == "skipped"}
+
+
+@pytest.mark.slow
+def test_two_targets_share_one_warmup_and_one_pool_pass_then_a_third_computes_only_its_own(tmp_path, tiny_model_dir):
+    """Projected scoring: the pool's features are computed once and reused by a target added later."""
+    two = {"cooking": target(tmp_path, "cooking"), "python": target(tmp_path, "python")}
+    config = run_config(tmp_path, tiny_model_dir, "multi", validation=None, test=None, targets=two, scoring="projected")
+    result = run(config)
+    assert ran(result, "warmup") == ["warmup"]
+    assert ran(result, "features/") == ["features/train/epoch-1", "features/train/epoch-2"]
+    for t in two:
+        assert ran(result, f"targets/{t}/selection/") == [f"targets/{t}/selection/{m}" for m in
+                                                          ("bm25", "less", "random", "rose")]
+        assert ran(result, f"targets/{t}/finetune/") == [f"targets/{t}/finetune/rose"]
+        assert ran(result, f"targets/{t}/evaluation/") == [f"targets/{t}/evaluation/base",
+                                                           f"targets/{t}/evaluation/rose"]
+    compare = json.loads((tmp_path / "multi" / "compare.json").read_text())
+    assert set(compare["targets"]) == {"cooking", "python"}
+    assert all(r["method"] != "base" or "pref_accuracy" in r for rows in compare["targets"].values() for r in rows)
+    report = (tmp_path / "multi" / "targets" / "python" / "selection" / "rose" / "report.md").read_text()
+    assert "target: python" in report
+
+    # A third target (the whole validation set, its two tasks together) added to the finished run.
+    three = {**two, "both": {"validation": str(DATA / "validation.jsonl"), "test": None}}
+    config = run_config(tmp_path, tiny_model_dir, "multi", validation=None, test=None, targets=three,
+                        scoring="projected")
+    result = run(config)
+    assert not ran(result, "warmup") and not ran(result, "features/")
+    assert not ran(result, "targets/cooking") and not ran(result, "targets/python")
+    assert ran(result, "targets/both/selection/") and ran(result, "targets/both/features/val_dpo/")
+    assert ran(result, "compare") == ["compare"]
+
+    # Removing a target leaves the others untouched.
+    result = run(run_config(tmp_path, tiny_model_dir, "multi", validation=None, test=None, targets=two,
+                            scoring="projected"))
+    assert not ran(result, "targets/")
+
+
+@pytest.mark.slow
+def test_exact_scoring_of_two_targets_makes_one_pool_pass_per_checkpoint_and_no_pool_store(tmp_path, tiny_model_dir):
+    two = {"cooking": target(tmp_path, "cooking", test=False), "python": target(tmp_path, "python", test=False)}
+    config = run_config(tmp_path, tiny_model_dir, "exact", validation=None, test=None, targets=two,
+                        methods=["rose", "less"], **{"finetune.methods": []})
+    run(config)
+    out = tmp_path / "exact"
+    stages = manifest_stages(out)
+    for epoch in (1, 2):
+        groups = {tuple(stages[f"targets/{t}/exact/epoch-{epoch}"]["group"]) for t in two}
+        assert groups == {(f"targets/cooking/exact/epoch-{epoch}", f"targets/python/exact/epoch-{epoch}")}
+    passes = sorted(p.name for p in (out / "configs").glob("exact__*"))
+    assert passes == ["exact__cooking+python__epoch-1.yaml", "exact__cooking+python__epoch-2.yaml"]
+    assert not (out / "features").exists()
+    from rose_pl.features.store import FeatureStore
+
+    store = FeatureStore.open(out / "targets" / "python" / "exact" / "epoch-1")
+    assert store.is_complete and store.meta["exact"]["columns"] == ["val_dpo/python", "val_sft/python", "norm2"]
+
+    # A target added to the exact run: one more pool pass per checkpoint, for the new target only.
+    three = {**two, "both": {"validation": str(DATA / "validation.jsonl"), "test": None}}
+    result = run(run_config(tmp_path, tiny_model_dir, "exact", validation=None, test=None, targets=three,
+                            methods=["rose", "less"], **{"finetune.methods": []}))
+    assert ran(result, "targets/both/exact/") == ["targets/both/exact/epoch-1", "targets/both/exact/epoch-2"]
+    assert not ran(result, "targets/cooking") and not ran(result, "warmup")

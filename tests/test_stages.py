@@ -3,7 +3,7 @@
 import pytest
 
 from rose_pl.errors import StaleOutputError
-from rose_pl.stages import RunManifest, Stage, run_stages
+from rose_pl.pipeline.stages import RunManifest, Stage, run_stages
 
 
 def graph(root, log, a_value=1, b_value=2):

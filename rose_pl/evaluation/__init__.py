@@ -1,0 +1,1 @@
+"""Evaluation: preference metrics, generation, the LLM judge, and evaluating a (fine-tuned) model on a test set."""

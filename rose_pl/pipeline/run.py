@@ -1,0 +1,422 @@
+"""`rose-pl run`: warmup -> gradients per checkpoint -> scores -> selection -> fine-tune -> evaluation, per target.
+
+One output folder per run (`rose_pl.layout`). The warmup and the pool's gradient pass are computed once for
+every target; each target's validation gradients, scores, selections, fine-tunes and evaluations are its own
+stages, so adding a target later computes only its stages. Gradient methods (ROSE, LESS, any registered
+`GradientMethod`) are scored exactly (task-mean validation gradients, one pool pass per checkpoint for all
+due targets) or from projected feature stores. Every Lightning stage gets a generated LightningCLI YAML
+under `configs/` and runs in this process on one device, or as a `rose-pl` subprocess when the trainer asks
+for several devices or nodes. Bookkeeping (skip, resume, stale detection) is in `stages.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+
+from rose_pl.config import FitArgs, PreferenceArgs, RunArgs, SelectionArgs, TargetArgs
+from rose_pl.errors import ConfigError
+from rose_pl.files import file_digest
+from rose_pl.layout import BASE, RunLayout
+from rose_pl.pipeline.lightning import run_lightning
+from rose_pl.pipeline.stages import RunManifest, Stage, run_stages
+from rose_pl.selection.methods import FeatureSpec, GradientMethod, ScoringContext, SelectionMethod, get_method
+
+log = logging.getLogger(__name__)
+
+PROGRESS_CALLBACK = {"class_path": "rose_pl.progress.ProgressCallback"}
+
+
+class Pipeline:
+    """The stage graph of one run, built from its arguments."""
+
+    def __init__(self, args: RunArgs):
+        self.a = args
+        self.layout = RunLayout(args.output_dir)
+        self.targets: dict[str, TargetArgs] = args.all_targets()
+        self.methods: dict[str, SelectionMethod] = {}
+        for name in args.methods:
+            method = get_method(name)
+            self.methods[method.name] = method
+        self.finetune_methods = [get_method(m).name for m in args.finetune.methods]
+        self.epochs = list(range(1, args.warmup.epochs + 1))
+        self.scoring = self._scoring_mode()
+
+    # ---- settings ---------------------------------------------------------------------------------
+    def _scoring_mode(self) -> str:
+        if self.a.scoring != "auto":
+            return self.a.scoring
+        recorded = RunManifest(self.layout.root).data.get("scoring") if self.layout.manifest.is_file() else None
+        return recorded or "exact"  # a new run knows all its targets now; an old one keeps its mode
+
+    @cached_property
+    def digests(self) -> dict[str, str]:
+        """Content hash of every input file: a changed file changes every stage that reads it."""
+        files = {self.a.pool} | {t.validation for t in self.targets.values()}
+        files |= {t.test for t in self.targets.values() if t.test}
+        return {f: file_digest(f) for f in files}
+
+    @cached_property
+    def pool(self):
+        from rose_pl.data.formats import read_instructions
+
+        return read_instructions(self.a.pool, self.a.data.duplicate_ids)
+
+    def validation(self, target: str):
+        from rose_pl.data.formats import read_preferences
+
+        t, pref = self.targets[target], self.a.preference_of(self.targets[target])
+        return read_preferences(t.validation, t.shots_per_task, pref.all_pairs, on_invalid_pair=pref.on_invalid_pair)
+
+    def gradient_methods(self) -> list[GradientMethod]:
+        return [m for m in self.methods.values() if isinstance(m, GradientMethod)]
+
+    def _specs(self) -> tuple[dict[str, FeatureSpec], dict[str, FeatureSpec], dict[str, list[str]]]:
+        """Pool specs and validation specs by side, and the sides each method reads."""
+        pool, val, sides = {}, {}, {}
+        for name, method in self.methods.items():
+            if isinstance(method, GradientMethod) and self.scoring == "exact":
+                sides[name] = []
+                continue
+            sides[name] = []
+            for spec in method.feature_specs(self.a.features):
+                table = pool if spec.data == "pool" else val
+                if spec.side in table and table[spec.side] != spec:
+                    raise ConfigError(f"methods: two methods define the {spec.data} features {spec.side!r} differently")
+                table[spec.side] = spec
+                sides[name].append(spec.side)
+        return pool, val, sides
+
+    # ---- Lightning stage configurations ------------------------------------------------------------
+    def _trainer(self, stage_dir: Path, **extra) -> dict:
+        t = self.a.trainer
+        cfg = {
+            "accelerator": t.accelerator, "devices": t.devices, "strategy": t.strategy, "num_nodes": t.num_nodes,
+            "precision": t.precision, "default_root_dir": str(stage_dir), "enable_model_summary": False,
+            "enable_progress_bar": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(stage_dir), "name": "logs"}},
+        }
+        cfg.update(extra)
+        cfg["callbacks"] = [*cfg.get("callbacks", []), PROGRESS_CALLBACK]
+        return cfg
+
+    def _data_settings(self) -> dict:
+        d = self.a.data
+        return {"max_seq_length": d.max_seq_length, "chat_template": d.chat_template,
+                "prompt_truncation": d.prompt_truncation, "on_empty": d.on_empty, "duplicate_ids": d.duplicate_ids}
+
+    def fit_config(self, out: Path, train_file: str, args: FitArgs, subset_fraction: float | None,
+                   save_optimizer: bool) -> dict:
+        return {
+            "seed_everything": args.seed,
+            "trainer": self._trainer(
+                out, max_epochs=args.epochs, accumulate_grad_batches=args.accumulate_grad_batches,
+                callbacks=[
+                    {"class_path": "rose_pl.training.checkpoints.WarmupCheckpoint",
+                     "init_args": {"dirpath": str(out / "checkpoints"), "save_optimizer": save_optimizer}},
+                    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                     "init_args": {"dirpath": str(self.layout.resume_checkpoint(out).parent), "save_last": True,
+                                   "save_top_k": 1, "every_n_train_steps": 50}},
+                ]),
+            "model": {"class_path": "rose_pl.training.model.LoRACausalLM",
+                      "init_args": {"model": self.a.model, "lora": asdict(args.lora), "optim": asdict(args.optim),
+                                    "dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing}},
+            "data": {"class_path": "rose_pl.data.datamodule.SFTDataModule",
+                     "init_args": {"train_file": train_file, "tokenizer": self.a.model, "batch_size": args.batch_size,
+                                   "subset_fraction": subset_fraction, "subset_seed": args.seed,
+                                   "shuffle_seed": args.seed, **self._data_settings()}},
+        }
+
+    def predict_config(self, module: dict, checkpoint: Path, data: dict, callbacks: list[dict]) -> dict:
+        module = {"class_path": module["class_path"],
+                  "init_args": {**module.get("init_args", {}), "checkpoint": str(checkpoint), "model": self.a.model}}
+        return {
+            "trainer": self._trainer(Path(self.a.output_dir), inference_mode=False, callbacks=callbacks, logger=False),
+            "model": module,
+            "data": {"class_path": "rose_pl.data.datamodule.FeatureDataModule", "init_args": data},
+            "return_predictions": False,
+        }
+
+    def _data(self, spec_kind: str, target: str | None) -> dict:
+        """FeatureDataModule arguments for the pool (target None) or a target's validation set."""
+        out = {"tokenizer": self.a.model, "kind": spec_kind, "batch_size": self.a.features.batch_size,
+               **self._data_settings()}
+        if target is None:
+            return {"data_file": self.a.pool, **out}
+        t, pref = self.targets[target], self.a.preference_of(self.targets[target])
+        out.update(data_file=t.validation, shots_per_task=t.shots_per_task, all_pairs=pref.all_pairs,
+                   on_invalid_pair=pref.on_invalid_pair, prompt_truncation=pref.prompt_truncation)
+        if spec_kind == "preference":
+            out.update(preference_format=pref.format, max_prompt_length=pref.max_prompt_length)
+        return out
+
+    def _store_callbacks(self, spec: FeatureSpec, out: Path) -> list[dict]:
+        f = self.a.features
+        callbacks = []
+        if spec.projected:
+            callbacks.append({"class_path": "rose_pl.features.projection.ProjectionCallback",
+                              "init_args": {"kind": f.projector, "dim": f.dim, "seed": f.seed}})
+        dtype = f.store_dtype if spec.projected else "float32"
+        callbacks.append({"class_path": "rose_pl.features.store.FeatureStoreWriter",
+                          "init_args": {"output_dir": str(out), "dtype": dtype}})
+        return callbacks
+
+    # ---- stage builders ----------------------------------------------------------------------------
+    def _lightning_stage(self, name: str, command: str, config: dict, data_file: str, outputs: list[Path],
+                         depends: list[str], resume: Path | None = None, report=None) -> Stage:
+        def action():
+            run_lightning(command, config, self.layout.stage_config(name),
+                          subprocess_run=self.a.trainer.multi_process(), resume=resume)
+
+        return Stage(name, {"yaml": config, "data": self.digests[data_file]}, action, depends=depends,
+                     outputs=[self.layout.relative(o) for o in outputs], report=report)
+
+    def _feature_stages(self, spec: FeatureSpec, target: str | None) -> list[Stage]:
+        epochs = self.epochs if spec.per_checkpoint else [None]
+        stages = []
+        for epoch in epochs:
+            if target is None:
+                out, name = self.layout.pool_features(spec.side, epoch), f"features/{spec.side}"
+            else:
+                out, name = self.layout.target_features(target, spec.side, epoch), f"targets/{target}/features/{spec.side}"
+            name += f"/epoch-{epoch}" if epoch else ""
+            ckpt = self.layout.checkpoint(epoch or self.epochs[-1])
+            data = self._data(spec.kind, target)
+            config = self.predict_config(spec.module, ckpt, data, self._store_callbacks(spec, out))
+            stages.append(self._lightning_stage(name, "predict", config, data["data_file"], [out], ["warmup"],
+                                                report=lambda out=out: _store_figures(out)))
+        return stages
+
+    def _means_stage(self, target: str, method: GradientMethod, epoch: int) -> Stage:
+        out = self.layout.means(target, method.side, epoch)
+        data = self._data(method.kind, target)
+        callbacks = [{"class_path": "rose_pl.features.exact.TaskMeanWriter", "init_args": {"output_dir": str(out)}}]
+        config = self.predict_config(method.validation_module(self.a.features), self.layout.checkpoint(epoch), data,
+                                     callbacks)
+        return self._lightning_stage(f"targets/{target}/means/{method.side}/epoch-{epoch}", "predict", config,
+                                     data["data_file"], [out], ["warmup"], report=lambda: _means_figures(out))
+
+    def _exact_stages(self, targets: list[str], means: dict[str, dict[int, list[str]]]) -> list[Stage]:
+        """One stage per (target, checkpoint); the due ones of a checkpoint run as one pass over the pool."""
+        from rose_pl.selection.methods import training_side
+
+        train = training_side(self.a.features)
+        stages = []
+        for epoch in self.epochs:
+            def run_pass(batch: list[Stage], epoch=epoch) -> None:
+                names = [s.config["target"] for s in batch]
+                entries = [{"output_dir": str(self.layout.exact(t, epoch)),
+                            "means": [str(self.layout.means(t, m.side, epoch)) for m in self.gradient_methods()]}
+                           for t in names]
+                callbacks = [{"class_path": "rose_pl.features.exact.ExactScoreWriter",
+                              "init_args": {"targets": entries, "means_dtype": self.a.features.means_dtype}}]
+                config = self.predict_config(train.module, self.layout.checkpoint(epoch), self._data("sft", None),
+                                             callbacks)
+                label = "+".join(names)
+                run_lightning("predict", config, self.layout.stage_config(f"exact/{label}/epoch-{epoch}"),
+                              subprocess_run=self.a.trainer.multi_process())
+
+            for t in targets:
+                out = self.layout.exact(t, epoch)
+                probe = self.predict_config(train.module, self.layout.checkpoint(epoch), self._data("sft", None), [])
+                config = {"target": t, "pool": self.digests[self.a.pool], "module": probe["model"], "data": probe["data"],
+                          "means_dtype": self.a.features.means_dtype}
+                stages.append(Stage(f"targets/{t}/exact/epoch-{epoch}", config, depends=["warmup", *means[t][epoch]],
+                                    outputs=[self.layout.relative(out)], group=f"exact/epoch-{epoch}",
+                                    group_action=run_pass, report=lambda out=out: _store_figures(out)))
+        return stages
+
+    def stages(self) -> list[Stage]:
+        a, L = self.a, self.layout
+        pool_specs, val_specs, sides = self._specs()
+        needs_warmup = any(m.needs_warmup for m in self.methods.values())
+        stages: list[Stage] = []
+        if needs_warmup:
+            warm = self.fit_config(L.warmup, a.pool, a.warmup, a.warmup.fraction, save_optimizer=True)
+            stages.append(self._lightning_stage("warmup", "fit", warm, a.pool, [L.warmup], [],
+                                                resume=L.resume_checkpoint(L.warmup),
+                                                report=lambda: _checkpoint_figures(L.checkpoints)))
+        pool_stages = {side: self._feature_stages(spec, None) for side, spec in pool_specs.items()}
+        stages += [s for group in pool_stages.values() for s in group]
+
+        val_stages: dict[tuple[str, str], list[Stage]] = {}
+        means: dict[str, dict[int, list[str]]] = {}
+        for t in self.targets:
+            for side, spec in val_specs.items():
+                val_stages[t, side] = self._feature_stages(spec, t)
+                stages += val_stages[t, side]
+            if self.scoring == "exact" and self.gradient_methods():
+                means[t] = {e: [] for e in self.epochs}
+                for method in self.gradient_methods():
+                    for e in self.epochs:
+                        stage = self._means_stage(t, method, e)
+                        means[t][e].append(stage.name)
+                        stages.append(stage)
+        exact = self._exact_stages(list(self.targets), means) if means else []
+        stages += exact
+
+        for t, target in self.targets.items():
+            sel = a.selection_of(target)
+            for name, method in self.methods.items():
+                deps = [s.name for side in sides[name] for s in pool_stages.get(side, []) + val_stages.get((t, side), [])]
+                if isinstance(method, GradientMethod) and self.scoring == "exact":
+                    deps += [s.name for s in exact if s.config["target"] == t]
+                if method.needs_warmup:
+                    deps = ["warmup", *deps]
+                config = {"method": name, "selection": asdict(sel), "pool": self.digests[a.pool],
+                          "validation": self.digests[target.validation], "shots": target.shots_per_task,
+                          "preference": asdict(a.preference_of(target)), "scoring": self.scoring,
+                          "duplicate_ids": a.data.duplicate_ids}
+                out = L.selection(t, name)
+                stages.append(Stage(f"targets/{t}/selection/{name}", config,
+                                    lambda t=t, name=name: self.select(t, name), depends=deps,
+                                    outputs=[L.relative(out)], report=lambda out=out: _selection_figures(out)))
+            for name in self.finetune_methods:
+                out = L.finetune(t, name)
+                cfg = self.fit_config(out, str(L.selected(t, name)), a.finetune, None, save_optimizer=False)
+                stage = self._lightning_stage(f"targets/{t}/finetune/{name}", "fit", cfg, a.pool, [out],
+                                              [f"targets/{t}/selection/{name}"], resume=L.resume_checkpoint(out),
+                                              report=lambda t=t, name=name: _checkpoint_figures(L.finetune_checkpoints(t, name)))
+                stages.append(stage)  # what it trains on follows from the selection stage it depends on
+            if target.test:
+                for name in [BASE, *self.finetune_methods]:
+                    config = {"eval": asdict(a.evaluation), "test": self.digests[target.test], "model": a.model,
+                              "data": asdict(a.data), "preference": asdict(a.preference_of(target)),
+                              "shots": target.shots_per_task}
+                    out = L.evaluation(t, name)
+                    stages.append(Stage(f"targets/{t}/evaluation/{name}", config,
+                                        lambda t=t, name=name: self.evaluate(t, name),
+                                        depends=[] if name == BASE else [f"targets/{t}/finetune/{name}"],
+                                        outputs=[L.relative(out), L.relative(L.judgements(t, name))],
+                                        report=lambda out=out: _evaluation_figures(out)))
+        stages.append(Stage("compare", {"targets": sorted(self.targets), "methods": list(self.methods)}, self.compare,
+                            depends=[s.name for s in stages], outputs=[L.relative(L.compare_md), L.relative(L.compare_json)],
+                            derived=True))
+        return stages
+
+    # ---- in-process stages -------------------------------------------------------------------------
+    def scoring_context(self, target: str, method: str) -> ScoringContext:
+        L = self.layout
+        pool_specs, val_specs, _ = self._specs()
+
+        def stores(side: str) -> list[Path]:
+            spec = pool_specs.get(side) or val_specs.get(side)
+            if spec is None:
+                raise ConfigError(f"method {method!r} reads features {side!r}, which no method of the run declares")
+            epochs = self.epochs if spec.per_checkpoint else [None]
+            if spec.data == "pool":
+                return [L.pool_features(side, e) for e in epochs]
+            return [L.target_features(target, side, e) for e in epochs]
+
+        return ScoringContext(pool=self.pool, validation=self.validation(target),
+                              seed=self.a.selection_of(self.targets[target]).seed, scoring=self.scoring,
+                              stores=stores, exact_stores=[L.exact(target, e) for e in self.epochs])
+
+    def select(self, target: str, method: str) -> None:
+        from rose_pl.selection.influence import save_scores
+        from rose_pl.selection.select import select_and_write
+
+        result = self.methods[method].score(self.scoring_context(target, method))
+        if result.num_rows != len(self.pool):
+            raise ConfigError(f"{method}: {result.num_rows} scores for a pool of {len(self.pool)} rows ({self.a.pool})")
+        sel: SelectionArgs = self.a.selection_of(self.targets[target])
+        save_scores(self.layout.scores(target, method), result, [e.id for e in self.pool],
+                    [e.dataset for e in self.pool], meta={"method": method, "target": target, "pool": self.a.pool})
+        dropped = result.info.get("dropped_train_rows", [])
+        select_and_write(self.layout.selection(target, method), result, self.pool, source=self.a.pool,
+                         fraction=sel.fraction, k=sel.k, seed=sel.seed,
+                         title=f"{method.upper()} selection for target {target}",
+                         extra={"method": method, "target": target, "validation": self.targets[target].validation,
+                                "scoring": self.scoring if isinstance(self.methods[method], GradientMethod) else "-",
+                                "pool rows without scores (dropped, never selected)": len(dropped)})
+
+    def evaluate(self, target: str, method: str) -> None:
+        from rose_pl.evaluation.evaluate import evaluate_model
+        from rose_pl.pipeline.inputs import preference_test_tasks
+        from rose_pl.training.checkpoints import Manifest
+
+        adapter = None
+        if method != BASE:
+            adapter = str(Manifest.load(self.layout.finetune_checkpoints(target, method)).checkpoints[-1].adapter_dir)
+        t, e = self.targets[target], self.a.evaluation
+        evaluate_model(self.a.model, adapter, t.test, str(self.layout.evaluation(target, method)), label=method,
+                       beta=e.beta, batch_size=e.batch_size, max_seq_length=self.a.data.max_seq_length,
+                       chat_template=self.a.data.chat_template, preference=self.a.preference_of(t),
+                       shots_per_task=preference_test_tasks(t.test, t.shots_per_task), prompt_format=e.prompt_format,
+                       judge=e.judge,
+                       judgements=str(self.layout.judgements(target, method)), dtype=self.a.finetune.dtype)
+
+    def compare(self) -> None:
+        from rose_pl.pipeline.compare import write_comparison
+
+        write_comparison(self)
+
+    def run(self) -> dict[str, str]:
+        manifest = RunManifest(self.layout.root) if self.layout.manifest.is_file() else None
+        if manifest is None:
+            self.layout.root.mkdir(parents=True, exist_ok=True)
+            manifest = RunManifest(self.layout.root)
+        manifest.set("scoring", self.scoring)
+        manifest.set("targets", {n: asdict(t) for n, t in self.targets.items()})
+        from rose_pl.console import stage_log
+
+        return run_stages(self.layout.root, self.stages(), on_change=self.a.on_change,
+                          context=lambda stage: stage_log(self.layout.stage_log(stage.name)))
+
+
+# ---- figures recorded in run.json ---------------------------------------------------------------------
+def _store_figures(folder: Path) -> dict:
+    from rose_pl.features.store import FeatureStore
+
+    store = FeatureStore.open(folder)
+    excluded = store.excluded()
+    return {"rows": store.num_rows - len(excluded), "dropped": len(excluded),
+            "dropped_rows": excluded[:50]}
+
+
+def _means_figures(folder: Path) -> dict:
+    from rose_pl.features.exact import MEANS_META
+
+    meta = json.loads((folder / MEANS_META).read_text())
+    return {"rows": int(sum(meta["counts"])), "tasks": len(meta["tasks"]), "empty_tasks": meta["empty_tasks"],
+            "zero_gradients": meta["zero_rows"]}
+
+
+def _checkpoint_figures(folder: Path) -> dict:
+    from rose_pl.training.checkpoints import Manifest
+
+    manifest = Manifest.load(folder)
+    return {"checkpoints": len(manifest.checkpoints), **manifest.data}
+
+
+def _selection_figures(folder: Path) -> dict:
+    from rose_pl.layout import SELECTED_FILE
+    from rose_pl.selection.select import read_selection
+
+    sidecar = read_selection(folder / SELECTED_FILE)
+    return {"rows": sidecar["pool_size"], "selected": sidecar["num_selected"], "file": str(folder / SELECTED_FILE)}
+
+
+def _evaluation_figures(path: Path) -> dict:
+    metrics = json.loads(path.read_text())["metrics"]
+    keys = ("pref_accuracy", "reward_accuracy", "win_rate", "num_pairs", "n")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def run(args: RunArgs) -> dict[str, str]:
+    """Check the arguments and every input, then run (or resume) the stages; returns {stage: ran|skipped}."""
+    from rose_pl.pipeline.inputs import check_run_inputs
+
+    problems = args.validate()
+    if problems:
+        raise ConfigError(problems)
+    check_run_inputs(args)
+    pipeline = Pipeline(args)
+    done = pipeline.run()
+    log.info("run complete: %d stages ran, %d skipped", sum(v == "ran" for v in done.values()),
+             sum(v == "skipped" for v in done.values()))
+    return done
