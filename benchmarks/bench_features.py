@@ -11,6 +11,8 @@ ids (no padding). Rows of the table:
   psg-only      PerSampleGradients with a sink that discards the blocks (hooks + per-sample einsums).
   psg+adam      ... plus AdamTransformSink (still no projection).
   rose          rose_pl's train-feature path: PerSampleGradients + AdamTransformSink + projector + L2 norm.
+  exact         rose_pl's exact train path: PerSampleGradients + AdamTransformSink + ExactScoreSink against
+                `--exact-tasks` random task means (unprojected, float32 or `--exact-means-dtype bfloat16`).
   dpo           rose_pl's DPO-feature path (DPOObjective, reference adapter_disabled; dpo-noref: none),
                 PerSampleGradients + projector + L2 norm, batched (one sample = one chosen/rejected pair).
   dpo-loop      its batch-size-1 equivalent (backward per pair, flatten, project, normalize); dpo-noref-loop.
@@ -42,8 +44,11 @@ from rose_pl.files import atomic_write_json
 from rose_pl.config import LoRAArgs
 from rose_pl.errors import ConfigError
 from rose_pl.training.model import add_lora
-from rose_pl.features.objectives import IGNORE_INDEX, DPOObjective, SFTObjective
-from rose_pl.features.per_sample_grads import AdamTransformSink, PerSampleGradients, adam_direction
+from rose_pl.data.encoding import IGNORE_INDEX
+from rose_pl.features.exact import ExactScoreSink
+from rose_pl.features.objectives import DPOObjective, SFTObjective
+from rose_pl.features.per_sample_grads import BlockSink, PerSampleGradients
+from rose_pl.features.transforms import AdamTransformSink, adam_direction
 from rose_pl.features.projection import GaussianProjector, NormalizingSink, Projector, build_projector
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -129,6 +134,22 @@ class Case:
     iters: int
     warmup: Callable[[], object] | None = None
     extra: dict = field(default_factory=dict)
+    enter: Callable[[], object] | None = None
+    """Untimed set-up before the warm-up and before each timed round (e.g. allocate the exact task means), so
+    that what it allocates is resident only while this case runs, not during the other cases' rounds."""
+    exit: Callable[[], object] | None = None
+    """Untimed tear-down after the warm-up and after each timed round (free what `enter` allocated)."""
+
+
+def _entered(case: Case, fn: Callable[[], object]) -> object:
+    """fn() between the case's untimed enter and exit."""
+    if case.enter is not None:
+        case.enter()
+    try:
+        return fn()
+    finally:
+        if case.exit is not None:
+            case.exit()
 
 
 def _time_once(case: Case, device: torch.device) -> tuple[float, int, int]:
@@ -162,12 +183,12 @@ def run_cases(cases: list[Case], rounds: int, device: torch.device) -> list[dict
                 torch.cuda.empty_cache()
 
     for i, case in enumerate(cases):
-        attempt(i, case.warmup or case.step)
+        attempt(i, lambda case=case: _entered(case, case.warmup or case.step))
     timings: list[list[tuple[float, int, int]]] = [[] for _ in cases]
     for r in range(rounds):
         for i, case in enumerate(cases):
             if i not in failed:
-                t = attempt(i, lambda: _time_once(case, device))
+                t = attempt(i, lambda: _entered(case, lambda: _time_once(case, device)))
                 if t is not None:
                     timings[i].append(t)
         print(f"  round {r + 1}/{rounds}: " + ", ".join(
@@ -247,6 +268,34 @@ def random_adam_state(shapes: dict[str, torch.Size], device: torch.device, gen: 
         exp_avg_sq = (torch.randn(shape, generator=gen) * 1e-4) ** 2
         state[name] = (exp_avg.to(device), exp_avg_sq.to(device))
     return state
+
+
+def random_task_means(shapes: dict[str, torch.Size], tasks: int, dtype: torch.dtype, device: torch.device,
+                      seed: int) -> dict[str, torch.Tensor]:
+    """{name: (tasks, numel)} random task means, each task's whole vector of unit norm (like a mean of unit
+    vectors, whose norm is at most 1). Drawn on the device: at 7b shapes 30 tasks are 4e9 numbers."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    means = {n: torch.randn((tasks, s.numel()), generator=gen, device=device, dtype=torch.float32)
+             for n, s in shapes.items()}
+    norm = torch.zeros(tasks, device=device)
+    for m in means.values():
+        norm += m.pow(2).sum(1)
+    scale = norm.rsqrt_()[:, None]
+    return {n: m.mul_(scale).to(dtype) for n, m in means.items()}
+
+
+def task_means_bytes(input_dim: int, tasks: int, dtype: torch.dtype) -> int:
+    """Memory of the exact path's task means: tasks x trainable parameters x element size."""
+    return tasks * input_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def _exact_scores(columns: torch.Tensor, groups: list[int]) -> torch.Tensor:
+    """Per-task scores inner / sqrt(norm2) from ExactScoreSink's columns (each group, then its norm2)."""
+    out, start = [], 0
+    for width in groups:
+        out.append(columns[:, start:start + width] / columns[:, start + width:start + width + 1].sqrt())
+        start += width + 1
+    return torch.cat(out, 1)
 
 
 # ---- projectors ----------------------------------------------------------------------------------------
@@ -393,6 +442,31 @@ def time_model_paths(args, device: torch.device) -> dict:
         print(f"agreement loop vs batched ({kind}, {k} rows): min cosine {agreement['min_cosine']:.6f}, "
               f"max |diff| {agreement['max_abs_diff']:.2e}", flush=True)
 
+    if args.exact_tasks and not args.skip_check:
+        # ExactScoreSink against the same Adam directions collected whole (BlockSink), in float64.
+        k, tasks = min(bs, 4), sum(args.exact_tasks)
+        means = random_task_means(shapes, tasks, getattr(torch, args.exact_means_dtype), device, args.seed + 1)
+        got = psg.compute(sft_obj, rows(sft, 0, k, device), AdamTransformSink(
+            ExactScoreSink(means, args.exact_tasks), adam_state, *ADAM_BETAS, ADAM_EPS)).double()
+        blocks = psg.compute(sft_obj, rows(sft, 0, k, device), AdamTransformSink(
+            BlockSink(list(shapes)), adam_state, *ADAM_BETAS, ADAM_EPS))
+        inner = sum(blocks[n].reshape(k, -1).double() @ means[n].double().T for n in shapes)
+        norm2 = sum(blocks[n].reshape(k, -1).double().pow(2).sum(1) for n in shapes)
+        want, start = [], 0
+        for width in args.exact_tasks:
+            want += [inner[:, start:start + width], norm2[:, None]]
+            start += width
+        want = torch.cat(want, 1)
+        got_scores, want_scores = _exact_scores(got, args.exact_tasks), _exact_scores(want, args.exact_tasks)
+        agreement["exact"] = {"rows": k, "tasks": tasks,
+                              "max_abs_diff_score": float((got_scores - want_scores).abs().max()),
+                              "max_abs_score": float(want_scores.abs().max()),
+                              "max_rel_diff_norm2": float(((got[:, -1] - want[:, -1]) / want[:, -1]).abs().max())}
+        print(f"agreement exact sink vs float64 ({k} rows, {tasks} tasks): max |score diff| "
+              f"{agreement['exact']['max_abs_diff_score']:.2e} (max |score| {agreement['exact']['max_abs_score']:.2e})",
+              flush=True)
+        del means, blocks
+
     def loop_case(path, kind, loop, singles, iters, **extra):
         # warm-up: two samples take every code path once (backward, flatten, Adam, a partial projection)
         return Case(path, kind, 1, lambda: loop(singles), interval, iters, lambda: loop(singles[:2]), extra)
@@ -418,6 +492,31 @@ def time_model_paths(args, device: torch.device) -> dict:
     for kind, p in projectors.items():
         sink = AdamTransformSink(NormalizingSink(p), adam_state, *ADAM_BETAS, ADAM_EPS)
         cases.append(batched_case("rose", kind, bs, lambda sink=sink: psg.compute(sft_obj, sft_batch, sink)))
+    exact_info = {}
+    if args.exact_tasks:
+        # Exact train path: the Adam directions stream into ExactScoreSink, which keeps per row the inner product
+        # with every task mean and the squared norm; no projection, no feature store. The means are allocated
+        # (untimed) only around this case's warm-up and rounds, so the other rows' peak memory excludes them.
+        groups, means_dtype = args.exact_tasks, getattr(torch, args.exact_means_dtype)
+        tasks = sum(groups)
+        held: dict[str, object] = {}
+
+        def exact_enter():
+            means = random_task_means(shapes, tasks, means_dtype, device, args.seed + 1)
+            held["sink"] = AdamTransformSink(ExactScoreSink(means, groups), adam_state, *ADAM_BETAS, ADAM_EPS)
+
+        def exact_exit():
+            held.clear()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+        exact_info = {"tasks": tasks, "groups": groups, "means_dtype": args.exact_means_dtype,
+                      "means_mib": task_means_bytes(input_dim, tasks, means_dtype) / MIB}
+        case = batched_case("exact", None, bs, lambda: psg.compute(sft_obj, sft_batch, held["sink"]), **exact_info)
+        case.enter, case.exit = exact_enter, exact_exit
+        cases.append(case)
+        print(f"exact: {tasks} task means in groups {groups}, {args.exact_means_dtype}, "
+              f"{exact_info['means_mib']:.1f} MiB", flush=True)
 
     dpo_kind = args.dpo_projector if args.dpo_projector in projectors else next(iter(projectors), None)
     if dpo_kind is not None and not args.skip_dpo:
@@ -435,7 +534,8 @@ def time_model_paths(args, device: torch.device) -> dict:
     print(f"timing {len(cases)} cases, {args.rounds} rounds (samples/s per round):", flush=True)
     results = run_cases(cases, args.rounds, device)
     return {"results": results, "agreement": agreement, "shapes": shapes, "lora_params": input_dim,
-            "adapter_dtype": adapter_dtype, "loop_iters": loop_iters, "skipped_projectors": skipped}
+            "adapter_dtype": adapter_dtype, "loop_iters": loop_iters, "skipped_projectors": skipped,
+            "exact": exact_info}
 
 
 def time_projectors(args, device: torch.device, model_shapes: dict) -> list[dict]:
@@ -482,6 +582,7 @@ def run(args) -> dict:
         "settings": {**vars(args), "model": PRESETS[args.preset]["model"], "lora_params": model_part["lora_params"],
                      "adapter_dtype": model_part["adapter_dtype"], "loop_iters": model_part["loop_iters"]},
         "skipped_projectors": model_part["skipped_projectors"],
+        "exact": model_part["exact"],
         "agreement": model_part["agreement"],
         "results": model_part["results"],
         "projector_only": proj_only,
@@ -498,7 +599,7 @@ def _versions() -> dict:
 
 
 def ratios(results: list[dict]) -> dict:
-    """rose/loop per projector, rose/floor, dpo/dpo-loop per reference."""
+    """rose/loop per projector, rose/floor, exact/rose, exact/floor, exact/loop, dpo/dpo-loop per reference."""
     by = {(r["path"], r["projector"]): r["samples_per_s"] for r in results}
     out = {}
     floor = by.get(("floor", None))
@@ -508,6 +609,12 @@ def ratios(results: list[dict]) -> dict:
                 out[f"rose/loop[{proj}]"] = sps / by[("loop", proj)]
             if floor:
                 out[f"rose/floor[{proj}]"] = sps / floor
+        if path == "exact":
+            if floor:
+                out["exact/floor"] = sps / floor
+            for (p2, proj2), other in by.items():
+                if p2 in ("rose", "loop"):
+                    out[f"exact/{p2}[{proj2}]"] = sps / other
         if path in ("dpo", "dpo-noref") and (f"{path}-loop", proj) in by:
             out[f"{path}/{path}-loop[{proj}]"] = sps / by[(f"{path}-loop", proj)]
     if ("loop-fwdbwd", None) in by and floor:
@@ -534,6 +641,12 @@ def parse_args(argv=None):
                         help="comma list of presets whose LoRA shapes proj-only uses, each at its preset's default rank "
                              "(default: the model's own shapes)")
     parser.add_argument("--dim", type=int, default=8192, help="projected dimension")
+    parser.add_argument("--exact-tasks", default="30",
+                        help="task means of the exact row: a number, or a comma list of per-target task counts "
+                             "(e.g. 10,18,2 = SE, SHP, HH of the paper: the same 30 columns in 3 groups); "
+                             "0 skips the exact row (default 30)")
+    parser.add_argument("--exact-means-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype the exact row's task means are held in (ExactScoreWriter's means_dtype)")
     parser.add_argument("--project-interval", type=int, default=16, help="loop: vectors projected together (LESS 16)")
     parser.add_argument("--gaussian-cache-gb", type=float, default=4.0,
                         help="gaussian runs only if its whole matrix fits this (kept on the device)")
@@ -561,6 +674,13 @@ def parse_args(argv=None):
             setattr(args, key, value)
     args.dpo_batch_size = args.dpo_batch_size or max(1, args.batch_size // 2)
     args.projectors = [p.strip() for p in args.projectors.split(",") if p.strip()]
+    try:
+        groups = [int(t) for t in str(args.exact_tasks).split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"--exact-tasks {args.exact_tasks!r}: give a number or a comma list of numbers")
+    if any(g < 0 for g in groups) or (len(groups) > 1 and 0 in groups):
+        parser.error(f"--exact-tasks {args.exact_tasks!r}: task counts must be positive (0 alone skips the row)")
+    args.exact_tasks = [g for g in groups if g > 0]
     args.projector_shapes = [p.strip() for p in args.projector_shapes.split(",")] if args.projector_shapes else None
     problems = [f"unknown preset {p!r} in --projector-shapes" for p in args.projector_shapes or [] if p not in PRESETS]
     if args.device.startswith("cuda") and not torch.cuda.is_available():

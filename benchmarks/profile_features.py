@@ -23,7 +23,8 @@ import bench_features as bf  # noqa: E402
 
 from rose_pl.files import atomic_write_json
 from rose_pl.features.objectives import DPOObjective, SFTObjective  # noqa: E402
-from rose_pl.features.per_sample_grads import AdamTransformSink, PerSampleGradients  # noqa: E402
+from rose_pl.features.per_sample_grads import PerSampleGradients  # noqa: E402
+from rose_pl.features.transforms import AdamTransformSink  # noqa: E402
 from rose_pl.features.projection import NormalizingSink  # noqa: E402
 
 

@@ -6,44 +6,24 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from rose_pl.training.checkpoints import Manifest, WarmupCheckpoint
-from rose_pl.config import LoRAArgs, OptimArgs
-from rose_pl.data.datamodule import FeatureDataModule, SFTDataModule
+from reference import all_rows, peft_from, single_example_grads, trainer, warmup
+
+from rose_pl.training.checkpoints import Manifest
+from rose_pl.data.datamodule import FeatureDataModule
 from rose_pl.features.hidden import HiddenStateModule
 from rose_pl.features.module import GradientFeatureModule
 from rose_pl.features.transforms import AdamDirection
-from rose_pl.hub import load_causal_lm
-from rose_pl.training.model import LoRACausalLM
 from rose_pl.features.objectives import DPOObjective, SFTObjective
 from rose_pl.features.projection import ProjectionCallback
 
-LORA = LoRAArgs(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
 ATOL = 1e-5
-
-
-def trainer(**kw):
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False, **kw)
 
 
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory, tiny_model_dir):
     """A 2-epoch warmup of the tiny model: (folder, pool file, preference file)."""
     root = tmp_path_factory.mktemp("warm")
-    pool, prefs = root / "pool.jsonl", root / "prefs.jsonl"
-    with open(pool, "w") as f:
-        for i in range(10):
-            f.write(json.dumps({"dataset": "a" if i < 5 else "b", "id": f"p{i}", "messages": [
-                {"role": "user", "content": "question " + "x" * (i % 4 + 1)},
-                {"role": "assistant", "content": "answer " + "y" * (3 + 2 * i)}]}) + "\n")
-    with open(prefs, "w") as f:
-        for i in range(5):
-            f.write(json.dumps({"id": f"v{i}", "task": "t0" if i < 3 else "t1", "prompt": "ask " + "q" * i,
-                                "chosen": "good " + "g" * (i + 2), "rejected": "bad " + "b" * (2 * i + 1)}) + "\n")
-    module = LoRACausalLM(model=str(tiny_model_dir), lora=LORA, optim=OptimArgs(lr=1e-2, warmup_ratio=0.0))
-    data = SFTDataModule(train_file=str(pool), tokenizer=str(tiny_model_dir), batch_size=2, max_seq_length=64)
-    pl.seed_everything(0)
-    trainer(max_epochs=2, callbacks=[WarmupCheckpoint(dirpath=str(root / "ckpt"))]).fit(module, datamodule=data)
+    ckpt, pool, prefs = warmup(root, tiny_model_dir)
     return root, pool, prefs
 
 
@@ -60,39 +40,6 @@ def predict(ckpt, data_file, kind, model_dir, objective=None, transform=None, hi
     index = torch.cat([o["index"] for o in out])
     feats = torch.cat([o["features"] for o in out])
     return feats[index.argsort()], module, dm
-
-
-def single_example_grads(model, objective, batch):
-    """The reference: one backward pass per example, gradients flattened in named_parameters order."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    n = batch["index"].numel()
-    for i in range(n):
-        one = {k: v[i: i + 1] for k, v in batch.items() if torch.is_tensor(v) and k != "index"}
-        loss = objective(model, one).losses.sum()
-        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
-    return torch.stack(rows)
-
-
-def peft_from(ckpt_dir, model_dir):
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(load_causal_lm(str(model_dir)), str(ckpt_dir / "adapter"), is_trainable=True)
-    return model.eval()
-
-
-def all_rows(dm):
-    batches = list(dm.predict_dataloader())
-    keys = [k for k in batches[0] if torch.is_tensor(batches[0][k])]
-    width = max(b["input_ids" if "input_ids" in b else "chosen_input_ids"].shape[1] for b in batches)
-
-    def pad(t, value):
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) if t.dim() == 2 else t
-
-    fill = {"labels": -100, "attention_mask": 0}
-    merged = {k: torch.cat([pad(b[k], next((v for s, v in fill.items() if k.endswith(s)), 0)) for b in batches]) for k in keys}
-    order = merged["index"].argsort()
-    return {k: v[order] for k, v in merged.items()}
 
 
 def test_adam_features_equal_a_hand_computation_from_the_saved_state(warm, tiny_model_dir):

@@ -113,7 +113,7 @@ class RewardMargin(_RewardMetric):
 
 # --------------------------------------------------------------------------- evaluation loops
 def _default_logprobs() -> LogprobsFn:
-    from rose_pl.features.objectives import sequence_logprobs  # lazy: objectives sits to the left, imported on use
+    from rose_pl.training.losses import sequence_logprobs  # lazy: imported on use
 
     return sequence_logprobs
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING
 
+from rose_pl.config import RunArgs
 from rose_pl.files import atomic_write_json, atomic_write_text, jsonable
-from rose_pl.layout import BASE
+from rose_pl.layout import BASE, RunLayout
 from rose_pl.selection.report import comparison_table, composition
 from rose_pl.selection.select import read_selection
-
-if TYPE_CHECKING:
-    from rose_pl.pipeline.run import Pipeline
 
 METRICS = ("pref_accuracy", "reward_accuracy", "reward_margin", "sft_loss", "win_rate", "tie_rate", "loss_rate")
 """Evaluation metrics shown in the comparison (where a test set gives them)."""
@@ -20,9 +17,9 @@ HIGHER_IS_BETTER = {"pref_accuracy": True, "reward_accuracy": True, "reward_marg
 """Metrics the cross-target summary ranks methods by."""
 
 
-def _target_rows(pipe: "Pipeline", target: str) -> list[dict]:
-    L, rows = pipe.layout, []
-    for method in [BASE, *pipe.methods]:
+def _target_rows(layout: RunLayout, methods: list[str], target: str) -> list[dict]:
+    L, rows = layout, []
+    for method in [BASE, *methods]:
         row: dict = {"method": method}
         selected = L.selected(target, method)
         if method != BASE and selected.is_file():
@@ -59,10 +56,10 @@ def _winners(sections: dict[str, list[dict]]) -> list[dict]:
     return out
 
 
-def write_comparison(pipe: "Pipeline") -> None:
-    """Write compare.json and compare.md for every target of the run."""
-    a, L = pipe.a, pipe.layout
-    sections = {t: _target_rows(pipe, t) for t in pipe.targets}
+def write_comparison(args: RunArgs, methods: list[str], scoring: str) -> None:
+    """Write compare.json and compare.md for every target of the run (`methods`: the run's method names)."""
+    a, L, targets = args, RunLayout(args.output_dir), args.all_targets()
+    sections = {t: _target_rows(L, methods, t) for t in targets}
     winners = _winners(sections)
     atomic_write_json(L.compare_json, jsonable({"targets": sections, "winners": winners}, nan_as_null=True),
                       allow_nan=False, sort_keys=False)
@@ -71,10 +68,10 @@ def write_comparison(pipe: "Pipeline") -> None:
              "sets, pref_accuracy = log pi(chosen) > log pi(rejected) and reward_* use the DPO implicit reward against "
              "the base model; on golden-answer test sets, win_rate is the judge's verdict against the golden answer.", ""]
     for target, rows in sections.items():
-        t, sel = pipe.targets[target], a.selection_of(pipe.targets[target])
+        t, sel = targets[target], a.selection_of(targets[target])
         budget = f"{sel.k} rows" if sel.k else f"{sel.fraction:.0%} of the pool"
         parts += [f"## Target `{target}`", "",
-                  f"Validation: `{t.validation}`; test: `{t.test}`; budget: {budget}; scoring: {pipe.scoring}.", "",
+                  f"Validation: `{t.validation}`; test: `{t.test}`; budget: {budget}; scoring: {scoring}.", "",
                   comparison_table(rows) or "No result yet.", ""]
     if winners:
         parts += ["## Which method wins where", "", comparison_table(winners), ""]

@@ -353,7 +353,7 @@ class Pipeline:
     def compare(self) -> None:
         from rose_pl.pipeline.compare import write_comparison
 
-        write_comparison(self)
+        write_comparison(self.a, list(self.methods), self.scoring)
 
     def run(self) -> dict[str, str]:
         manifest = RunManifest(self.layout.root) if self.layout.manifest.is_file() else None

@@ -14,9 +14,9 @@ from dataclasses import asdict
 import lightning.pytorch as pl
 import torch
 
-from rose_pl.config import LoRAArgs, OptimArgs, raise_if_problems
-from rose_pl.config import DEFAULT_MODEL
+from rose_pl.config import DEFAULT_MODEL, LoRAArgs, OptimArgs, raise_if_problems
 from rose_pl.hub import load_causal_lm
+from rose_pl.training.losses import sft_loss
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,6 @@ class LoRACausalLM(pl.LightningModule):
         return tokens
 
     def training_step(self, batch, batch_idx):
-        from rose_pl.features.objectives import sft_loss
-
         # DDP averages gradients over ranks; normalizing by the global token count (times world size)
         # makes that average equal to the token mean over the global batch, as on one device.
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -135,8 +133,6 @@ class LoRACausalLM(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        from rose_pl.features.objectives import sft_loss
-
         loss = sft_loss(self.model, batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
