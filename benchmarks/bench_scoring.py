@@ -6,7 +6,7 @@ checkpoint in `--num-tasks` tasks. The memmaps are timed cold (each file's pages
 cache with posix_fadvise, which touches no other file) and warm (second pass). Prints rows/s and the
 projected time for `--project-rows` (270K, the size of LESS's Tulu pool).
 
-Padding: the demo pool tokenized in the Tulu chat format (rose_pl.data.chat) with the embedded SmolLM2
+Padding: the demo pool tokenized in the Tulu chat format (rose_pl.data.encoding.Encoder) with the embedded SmolLM2
 tokenizer (or the byte tokenizer when that is unavailable); share of padded token slots in batches of
 `--pad-batch-size` for random batches, LengthGroupedSampler batches (training) and LengthSortedSampler
 batches (the gradient stage's predict order).
@@ -119,12 +119,12 @@ def load_tokenizer(name: str):
 
 
 def bench_padding(args) -> dict:
-    from rose_pl.data.chat import ChatEncoder
+    from rose_pl.data.encoding import Encoder
     from rose_pl.data.formats import read_instructions
     from rose_pl.data.samplers import LengthGroupedSampler, LengthSortedSampler, padding_fraction
 
     tokenizer, tokenizer_name = load_tokenizer(args.tokenizer)
-    encoder = ChatEncoder(tokenizer, args.max_seq_length)
+    encoder = Encoder(tokenizer, args.max_seq_length, preference_format=None)  # Tulu template
     examples = read_instructions(args.pool)
     lengths = [len(encoder.encode_messages(e.messages)["input_ids"]) for e in examples]
     bs = args.pad_batch_size

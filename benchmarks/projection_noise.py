@@ -138,9 +138,9 @@ def warmup(model, rows, args, t0) -> tuple[torch.optim.AdamW, list[dict]]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        steps.append({"step": step + 1, "loss": float(loss), "rows": [rows[i]["id"] for i in picked],
+        steps.append({"step": step + 1, "loss": loss.item(), "rows": [rows[i]["id"] for i in picked],
                       "tokens": int(batch["attention_mask"].sum())})
-        log(f"warmup step {step + 1}/{args.warmup_steps}: loss {float(loss):.4f} "
+        log(f"warmup step {step + 1}/{args.warmup_steps}: loss {loss.item():.4f} "
             f"({steps[-1]['tokens']} tokens)", t0)
     model.eval()
     return opt, steps

@@ -269,8 +269,8 @@ class SelectionArgs:
 class FinetuneArgs(FitArgs):
     """Final fine-tune on each selection (ROSE step 6)."""
 
-    methods: list[str] = field(default_factory=lambda: ["rose", "less", "random"])
-    """Which selections to fine-tune on (each target's)."""
+    methods: list[str] | None = None
+    """Which selections to fine-tune on (each target's); None: rose, less and random, those the run compares."""
 
 
 @dataclass
@@ -377,6 +377,12 @@ class RunArgs:
             targets.setdefault(DEFAULT_TARGET, TargetArgs(self.validation, self.shots_per_task, self.test))
         return targets
 
+    def finetune_methods(self) -> list[str]:
+        """The methods whose selections are fine-tuned on (the default: rose, less, random, where compared)."""
+        if self.finetune.methods is not None:
+            return list(self.finetune.methods)
+        return [m for m in ("rose", "less", "random") if m in self.methods]
+
     def preference_of(self, target: TargetArgs) -> PreferenceArgs:
         return target.preference or self.preference
 
@@ -390,7 +396,7 @@ class RunArgs:
             problems += _registered(METHODS, "methods", m)
         if len(set(self.methods)) != len(self.methods):
             problems.append(f"methods: {self.methods} names a method twice")
-        for m in self.finetune.methods:
+        for m in self.finetune.methods or []:
             if m not in self.methods:
                 problems.append(f"finetune.methods: {m!r} is not among methods {self.methods}")
         targets = self.all_targets()

@@ -83,3 +83,80 @@ def test_each_commands_help_documents_its_options(command, capsys):
     expected = {"run": "--data.on_empty", "score": "--exact", "select": "--fraction", "evaluate": "--judge",
                 "fit": "--trainer", "predict": "--trainer"}[command]
     assert expected in out
+
+
+def _cli(*args, cwd=None, timeout=600):
+    import os
+    import time
+
+    start = time.perf_counter()
+    env = {**os.environ, "ROSE_PL_PROGRESS": ""}  # whatever the caller's setting: no terminal here, so lines
+    proc = subprocess.run([sys.executable, "-m", "rose_pl", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env=env)
+    return proc, time.perf_counter() - start
+
+
+def test_a_malformed_validation_file_stops_the_run_before_any_stage_with_its_line_and_no_traceback(
+        tmp_path, tiny_model_dir):
+    import yaml
+
+    val = tmp_path / "val.jsonl"
+    good = '{"prompt": "p", "chosen": "a", "rejected": "b", "task": "t"}\n'
+    val.write_text(good + good.replace('"p"', '"q"') + '{"prompt": "r", "chosen": "a", "rejected": \n')
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "model": str(tiny_model_dir),
+                                      "pool": str(CONFIGS.parent / "data" / "pool.jsonl"), "validation": str(val),
+                                      "methods": ["rose", "random"], "trainer": {"accelerator": "cpu"}}))
+    proc, seconds = _cli("run", "--config", str(config))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert seconds < 10, seconds
+    assert f"{val}, line 3: malformed JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "warmup").exists()  # nothing ran
+    debug, _ = _cli("--debug", "run", "--config", str(config))
+    assert "Traceback" in debug.stderr  # the traceback is one flag away
+
+
+def test_every_problem_of_the_inputs_is_reported_at_once(tmp_path, tiny_model_dir):
+    import json
+
+    import yaml
+
+    rose_json = tmp_path / "se_2_shot_preference.json"
+    rose_json.write_text(json.dumps({"Q": {"responses": ["a", "b"], "pairs": [[0, 1]], "sft_target": "a",
+                                           "rejected_target": "b"}}))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "model": str(tmp_path / "no-model"),
+                                      "pool": str(tmp_path / "missing.jsonl"), "validation": str(rose_json),
+                                      "methods": ["rose", "nope"], "trainer": {"accelerator": "cpu"}}))
+    proc, _ = _cli("run", "--config", str(config))
+    assert proc.returncode == 2
+    assert "unknown selection method 'nope'" in proc.stderr  # the arguments first
+    config.write_text(config.read_text().replace("- nope\n", ""))
+    proc, _ = _cli("run", "--config", str(config))
+    assert proc.returncode == 2
+    for expected in (f"{tmp_path / 'missing.jsonl'}: no such file", "shots_per_task: 2", "no-model is not a model folder"):
+        assert expected in proc.stderr, (expected, proc.stderr)
+
+
+@pytest.mark.slow
+def test_a_short_run_logs_each_line_once_without_tips_with_progress_and_a_summary(tmp_path, tiny_model_dir):
+    import re
+
+    from test_pipeline import run_config
+
+    config = run_config(tmp_path, tiny_model_dir, "logged", methods=["rose", "random"], **{"finetune.methods": []},
+                        test=None)
+    proc, _ = _cli("run", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in proc.stderr.splitlines() if line.strip()]
+    assert not [line for line in lines if line.startswith(("INFO: ", "WARNING: "))]  # Lightning's own handler
+    assert not [a for a, b in zip(lines, lines[1:]) if a == b]
+    assert "💡" not in proc.stderr + proc.stdout and "Tip:" not in proc.stderr
+    assert re.search(r"rose_pl\.progress: predict: \d+/24 rows \(\d+%\), [\d.]+ rows/s, elapsed \d+:\d\d, ETA",
+                     proc.stderr), proc.stderr[-3000:]
+    selected = tmp_path / "logged" / "targets" / "default" / "selection" / "rose" / "selected.jsonl"
+    assert str(selected) in proc.stdout and "Rerun or extend" in proc.stdout
+    summary = __import__("json").loads((tmp_path / "logged" / "run.json").read_text())["summary"]
+    assert any(s["file"] == str(selected) for s in summary["selections"])
+    assert {s["stage"] for s in summary["stages"]} >= {"warmup", "targets/default/selection/rose"}

@@ -230,3 +230,47 @@ def test_exact_scoring_of_two_targets_makes_one_pool_pass_per_checkpoint_and_no_
                             methods=["rose", "less"], **{"finetune.methods": []}))
     assert ran(result, "targets/both/exact/") == ["targets/both/exact/epoch-1", "targets/both/exact/epoch-2"]
     assert not ran(result, "targets/cooking") and not ran(result, "warmup")
+
+
+@pytest.mark.slow
+def test_a_changed_data_option_makes_exactly_the_stages_that_read_it_stale(finished_run, tiny_model_dir):
+    root, _, _ = finished_run
+    shutil.copytree(root / "full", root / "options")
+    config = run_config(root, tiny_model_dir, "options", **{"preference.format": "chat"})
+    with pytest.raises(StaleOutputError) as info:
+        run(config)
+    stale = str(info.value)
+    assert "targets/default/means/val_dpo/epoch-1" in stale and "targets/default/selection/rose" in stale
+    assert "'warmup'" not in stale and "selection/random" not in stale
+    config = run_config(root, tiny_model_dir, "options", **{"data.chat_template": "chatml"})
+    with pytest.raises(StaleOutputError, match="'warmup'"):
+        run(config)
+
+
+@pytest.mark.slow
+def test_a_pool_of_long_prompts_runs_end_to_end_and_a_row_that_cannot_fit_is_counted_not_selected(
+        tmp_path, tiny_model_dir):
+    """Under the old right-truncation every row below lost its answer at 96 tokens; now only the prompts are cut.
+    One row whose chat headers alone exceed the limit is dropped, counted in run.json and the report."""
+    rows = [{"dataset": "long", "id": f"long_{i}", "messages": [
+        {"role": "user", "content": f"question {i} " + "context " * 60},
+        {"role": "assistant", "content": f"answer {i} " + "y" * (5 + i)}]} for i in range(15)]
+    rows.insert(7, {"dataset": "long", "id": "headers_only", "messages": [
+        *[{"role": "user", "content": "u"} for _ in range(9)], {"role": "assistant", "content": "lost"}]})
+    (tmp_path / "long_pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = run_config(tmp_path, tiny_model_dir, "long", methods=["rose", "less", "random"],
+                        pool=str(tmp_path / "long_pool.jsonl"), test=None,
+                        **{"data.max_seq_length": 96, "preference.max_prompt_length": 48, "warmup.fraction": 1.0,
+                           "selection.fraction": 0.9, "finetune.methods": []})
+    run(config)
+    out = tmp_path / "long"
+    stages = manifest_stages(out)
+    assert stages["warmup"]["figures"]["rows"] == 15 and stages["warmup"]["figures"]["dropped"] == 1
+    exact = stages["targets/default/exact/epoch-1"]["figures"]
+    assert exact["rows"] == 15 and exact["dropped"] == 1 and exact["dropped_rows"][0]["id"] == "headers_only"
+    assert "no loss token" in exact["dropped_rows"][0]["reason"]
+    for method in ("rose", "less"):
+        selected = (out / "targets" / "default" / "selection" / method / "selected.jsonl").read_text()
+        assert len(selected.splitlines()) == 15 and "headers_only" not in selected  # 90% of 16: all but the drop
+        report = (out / "targets" / "default" / "selection" / method / "report.md").read_text()
+        assert "pool rows without scores (dropped, never selected): 1" in report

@@ -41,7 +41,7 @@ class Pipeline:
         for name in args.methods:
             method = get_method(name)
             self.methods[method.name] = method
-        self.finetune_methods = [get_method(m).name for m in args.finetune.methods]
+        self.finetune_methods = [get_method(m).name for m in args.finetune_methods()]
         self.epochs = list(range(1, args.warmup.epochs + 1))
         self.scoring = self._scoring_mode()
 
@@ -172,8 +172,19 @@ class Pipeline:
             run_lightning(command, config, self.layout.stage_config(name),
                           subprocess_run=self.a.trainer.multi_process(), resume=resume)
 
-        return Stage(name, {"yaml": config, "data": self.digests[data_file]}, action, depends=depends,
+        return Stage(name, {"yaml": self._portable(config), "data": self.digests[data_file]}, action, depends=depends,
                      outputs=[self.layout.relative(o) for o in outputs], report=report)
+
+    def _portable(self, value):
+        """`value` with this run's folder written as "<run>": a run folder moved or copied keeps its fingerprints."""
+        root = str(self.layout.root)
+        if isinstance(value, str):
+            return "<run>" + value[len(root):] if value == root or value.startswith(root + "/") else value
+        if isinstance(value, dict):
+            return {k: self._portable(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._portable(v) for v in value]
+        return value
 
     def _feature_stages(self, spec: FeatureSpec, target: str | None) -> list[Stage]:
         epochs = self.epochs if spec.per_checkpoint else [None]
@@ -223,8 +234,8 @@ class Pipeline:
             for t in targets:
                 out = self.layout.exact(t, epoch)
                 probe = self.predict_config(train.module, self.layout.checkpoint(epoch), self._data("sft", None), [])
-                config = {"target": t, "pool": self.digests[self.a.pool], "module": probe["model"], "data": probe["data"],
-                          "means_dtype": self.a.features.means_dtype}
+                config = {"target": t, "pool": self.digests[self.a.pool], "module": self._portable(probe["model"]),
+                          "data": probe["data"], "means_dtype": self.a.features.means_dtype}
                 stages.append(Stage(f"targets/{t}/exact/epoch-{epoch}", config, depends=["warmup", *means[t][epoch]],
                                     outputs=[self.layout.relative(out)], group=f"exact/epoch-{epoch}",
                                     group_action=run_pass, report=lambda out=out: _store_figures(out)))
@@ -267,10 +278,13 @@ class Pipeline:
                     deps += [s.name for s in exact if s.config["target"] == t]
                 if method.needs_warmup:
                     deps = ["warmup", *deps]
+                pref = asdict(a.preference_of(target))
+                if not method.needs_warmup:  # a baseline reads the pairs, never tokenizes them
+                    pref = {k: pref[k] for k in ("on_invalid_pair", "all_pairs")}
                 config = {"method": name, "selection": asdict(sel), "pool": self.digests[a.pool],
                           "validation": self.digests[target.validation], "shots": target.shots_per_task,
-                          "preference": asdict(a.preference_of(target)), "scoring": self.scoring,
-                          "duplicate_ids": a.data.duplicate_ids}
+                          "preference": pref, "duplicate_ids": a.data.duplicate_ids,
+                          "scoring": self.scoring if isinstance(method, GradientMethod) else None}
                 out = L.selection(t, name)
                 stages.append(Stage(f"targets/{t}/selection/{name}", config,
                                     lambda t=t, name=name: self.select(t, name), depends=deps,
