@@ -236,6 +236,8 @@ def compare(exact: np.ndarray, approx: np.ndarray) -> dict:
     """Per-task and final-score agreement of `approx` (N, T) with `exact` (N, T)."""
     per_task_r = [pearson(exact[:, t], approx[:, t]) for t in range(exact.shape[1])]
     err = approx - exact
+    offset = err.mean(0)  # per task: the part of the error shared by every pool row (it moves the max over tasks)
+    within = err - offset
     fe, fa = exact.max(1), approx.max(1)
     return {
         "pearson_per_task_mean": float(np.mean(per_task_r)), "pearson_per_task_min": float(np.min(per_task_r)),
@@ -246,7 +248,24 @@ def compare(exact: np.ndarray, approx: np.ndarray) -> dict:
         "argmax_task_agreement": float((exact.argmax(1) == approx.argmax(1)).mean()),
         "rms_score_error": float(np.sqrt((err ** 2).mean())),
         "max_abs_score_error": float(np.abs(err).max()),
+        "error_task_offset_rms": float(np.sqrt((offset ** 2).mean())),
+        "error_within_task_rms": float(np.sqrt((within ** 2).mean())),
     }
+
+
+SUMMARY_KEYS = ["pearson_per_task_mean", "pearson_per_task_min", "spearman_final", "top5", "top10",
+                "argmax_task_agreement", "rms_score_error", "error_task_offset_rms", "error_within_task_rms"]
+
+
+def summarize(comparisons: list[dict]) -> dict:
+    """Mean, min and max over projection seeds of the main agreement numbers."""
+    out = {"seeds": len(comparisons)}
+    for key in SUMMARY_KEYS:
+        values = [c[key]["common"] if key in ("top5", "top10") else c[key] for c in comparisons]
+        out[key] = {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+        if key in ("top5", "top10"):
+            out[key]["k"] = comparisons[0][key]["k"]
+    return out
 
 
 def exact_stats(per_task: np.ndarray) -> dict:
@@ -285,7 +304,36 @@ def run(args) -> dict:
     log(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, LoRA r={lora.r} "
         f"alpha={lora.alpha} on {lora.target_modules}: {num_params:,} trainable in {len(shapes)} tensors", t0)
 
+    cache = Path(args.gradients_cache) if args.gradients_cache else None
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache)
+        if saved["settings"] != _gradient_settings(args):
+            raise SystemExit(f"{cache} was computed with other settings: {saved['settings']}")
+        log(f"per-sample gradients read from {cache} (no model pass)", t0)
+        report = _analyse(args, t0, pool, pairs, dpo_rows, less_rows, lengths, truncated, in_val, lora, shapes,
+                          **saved["data"])
+        report["gradients_from_cache"] = str(cache)
+        return report
+    data = _gradients(args, t0, model, pool, dpo_rows, less_rows, pairs, shapes)
+    if cache is not None:
+        torch.save({"settings": _gradient_settings(args), "data": data}, cache)
+        log(f"per-sample gradients saved to {cache}", t0)
+    return _analyse(args, t0, pool, pairs, dpo_rows, less_rows, lengths, truncated, in_val, lora, shapes, **data)
+
+
+def _gradient_settings(args) -> dict:
+    keys = ["model", "data", "max_seq_length", "max_prompt_length", "shots_per_task", "lora_rank", "lora_alpha",
+            "lora_dropout", "target_modules", "warmup_steps", "warmup_batch", "lr", "beta", "limit_pool",
+            "limit_tasks", "seed"]
+    return {k: str(getattr(args, k)) for k in keys}
+
+
+def _gradients(args, t0, model, pool, dpo_rows, less_rows, pairs, shapes) -> dict:
+    """Warmup, then every per-sample gradient (and ExactScoreSink's columns) the analysis needs."""
+    names = list(shapes)
+    t_warm = time.perf_counter()
     opt, warm_steps = warmup(model, pool, args, t0)
+    t_warm = time.perf_counter() - t_warm
     by_param = dict(model.named_parameters())
     state = {n: (opt.state[by_param[n]]["exp_avg"].detach().clone(), opt.state[by_param[n]]["exp_avg_sq"].detach().clone())
              for n in names}
@@ -323,6 +371,17 @@ def run(args) -> dict:
     adam = torch.stack([o[0] for o in out])
     sink_cols = torch.stack([o[1] for o in out]).double()
     log(f"per-sample gradients done: validation {t_val:.0f}s, pool {t_pool:.0f}s", t0)
+    return {"dpo": dpo, "less": less, "adam": adam, "sink_cols": sink_cols, "warm_steps": warm_steps,
+            "betas": list(betas), "eps": eps, "b_norm": b_norm,
+            "timing": {"warmup": t_warm, "validation_gradients": t_val, "pool_gradients": t_pool,
+                       "tokens": {"dpo": dpo_tokens, "less": less_tokens, "pool": pool_tokens}}}
+
+
+def _analyse(args, t0, pool, pairs, dpo_rows, less_rows, lengths, truncated, in_val, lora, shapes, dpo, less, adam,
+             sink_cols, warm_steps, betas, eps, b_norm, timing) -> dict:
+    num_params = sum(s.numel() for s in shapes.values())
+    tasks, inverse = task_groups([p.task for p in pairs])
+    means = {"rose": task_means64(dpo, inverse, len(tasks)), "less": task_means64(less, inverse, len(tasks))}
 
     # ---- exact, float64 ----
     t_score = time.perf_counter()
@@ -335,10 +394,33 @@ def run(args) -> dict:
                    "less": (sink_cols[:, T + 1:2 * T + 1] / sink_cols[:, 2 * T + 1:2 * T + 2].sqrt()).numpy()}
     sink_check = {side: {"max_abs_diff": float(np.abs(sink_scores[side] - exact[side]).max()),
                          "max_abs_score": float(np.abs(exact[side]).max())} for side in exact}
+    # How much the vectors of one side share a direction (mean cosine over distinct pairs): a shared component
+    # makes the sketch error of <P mean_t, P a_z> common to every row z (a per-task offset, see compare()).
+    def mean_pair_cosine(unit):
+        g = unit @ unit.T
+        return float((g.sum() - g.diagonal().sum()) / (g.shape[0] * (g.shape[0] - 1)))
+
+    shared = {"pool_adam_directions": mean_pair_cosine(a_unit), "rose_val_dpo": mean_pair_cosine(val_unit["rose"]),
+              "less_val_sft": mean_pair_cosine(val_unit["less"]),
+              "pool_adam_mean_direction_norm": float(a_unit.mean(0).norm())}
     norm2_rel = float(((sink_cols[:, T] - adam.double().pow(2).sum(1)) / adam.double().pow(2).sum(1)).abs().max())
 
     # ---- projected ----
     projected, cos_err = {}, {}
+    spread = {}
+    for dim in sorted({d for d, _ in args.projections}):
+        if args.spread_seeds:
+            spread[dim] = {"rose": [], "less": []}
+            proj_list = [(dim, 1000 + k) for k in range(args.spread_seeds)]
+            for _, seed in proj_list:
+                proj = CountSketchProjector(dim=dim, seed=seed)
+                proj.setup(shapes, "cpu")
+                p_train = project(proj, adam, shapes)
+                for side, val in (("rose", dpo), ("less", less)):
+                    res = influence_scores([p_train], [project(proj, val, shapes)], [p.task for p in pairs], [1.0],
+                                           device="cpu")
+                    spread[dim][side].append(compare(exact[side], res.per_task.astype(np.float64)))
+            log(f"countsketch-{dim}: {args.spread_seeds} more seeds (1000..) scored", t0)
     for dim, seed in args.projections:
         key = f"countsketch-{dim}-seed{seed}"
         tp = time.perf_counter()
@@ -370,8 +452,14 @@ def run(args) -> dict:
             c = compare(exact[side], projected[key][side])
             c["cosine_error_single_pairs"] = cos_err[key][side]
             c["jl_expected_cosine_error"] = 1 / math.sqrt(dim)
+            # a task score is the mean of `shots` cosines whose sketch errors are nearly independent
+            c["jl_expected_task_score_error"] = 1 / math.sqrt(dim * args.shots_per_task)
             c["noise_to_spread"] = c["rms_score_error"] / side_out["exact"]["std_over_pool_per_task_mean"]
+            c["jl_expected_noise_to_spread"] = (c["jl_expected_task_score_error"]
+                                                / side_out["exact"]["std_over_pool_per_task_mean"])
             side_out["projected"][key] = c
+        for dim in spread:
+            side_out[f"over_{args.spread_seeds}_seeds_{dim}"] = summarize(spread[dim][side])
         keys = [k for k in projected if k.startswith("countsketch-8192-")]
         if len(keys) >= 2:  # seed spread at the same dim
             a, b = projected[keys[0]][side], projected[keys[1]][side]
@@ -401,14 +489,18 @@ def run(args) -> dict:
         "warmup": {"steps": warm_steps, "optimizer": "torch.optim.AdamW", "lr": args.lr, "betas": list(betas),
                    "eps": eps, "weight_decay": 0.0, "lora_B_norm_after": b_norm,
                    "note": "train mode (LoRA dropout on) for the warmup; eval mode for every gradient below"},
-        "timing_s": {"validation_gradients": t_val, "pool_gradients": t_pool, "scoring_and_projection": t_score,
-                     "total": time.perf_counter() - t0, "tokens": {"dpo": dpo_tokens, "less": less_tokens,
-                                                                  "pool": pool_tokens}},
+        "timing_s": {**timing, "scoring_and_projection": t_score,
+                     "model_passes": timing["warmup"] + timing["validation_gradients"] + timing["pool_gradients"],
+                     "total_of_this_process": time.perf_counter() - t0},
+        "mean_pairwise_cosine": shared,
         "exact_sink_norm2_max_rel_diff": norm2_rel,
         "results": results,
         "rows": {"ids": [r["id"] for r in pool],
-                 "exact_final": {s: exact[s].max(1).tolist() for s in exact},
-                 "projected_final": {k: {s: projected[k][s].max(1).tolist() for s in projected[k]} for k in projected}},
+                 "exact_per_task": {s: exact[s].tolist() for s in exact},
+                 "projected_per_task": {k: {s: projected[k][s].tolist() for s in projected[k]} for k in projected},
+                 "projected_final_rank_of_rows_sharing_a_validation_prompt": {
+                     k: {s: [int((projected[k][s].max(1) > projected[k][s].max(1)[i]).sum()) + 1 for i in in_val]
+                         for s in projected[k]} for k in projected}},
     }
     return report
 
@@ -451,6 +543,16 @@ def print_summary(report: dict) -> None:
                   f"{c['top10']['common']:>4}/{c['top10']['k']:<2} {c['argmax_task_agreement']:>6.2f} "
                   f"{c['rms_score_error']:>8.2e} {c['noise_to_spread']:>7.2f} "
                   f"{c['cosine_error_single_pairs']['rms']:>8.2e} {c['jl_expected_cosine_error']:>8.2e}")
+        for key, v in r.items():
+            if key.startswith("over_"):
+                print(f"  {key}: r task {v['pearson_per_task_mean']['mean']:.3f} "
+                      f"[{v['pearson_per_task_mean']['min']:.3f}, {v['pearson_per_task_mean']['max']:.3f}], rho final "
+                      f"{v['spearman_final']['mean']:.3f} [{v['spearman_final']['min']:.3f}, "
+                      f"{v['spearman_final']['max']:.3f}], top5% {v['top5']['mean']:.1f}/{v['top5']['k']} "
+                      f"[{v['top5']['min']:.0f}, {v['top5']['max']:.0f}], top10% {v['top10']['mean']:.1f}/"
+                      f"{v['top10']['k']} [{v['top10']['min']:.0f}, {v['top10']['max']:.0f}], argmax "
+                      f"{v['argmax_task_agreement']['mean']:.2f}, err offset/within "
+                      f"{v['error_task_offset_rms']['mean']:.2e}/{v['error_within_task_rms']['mean']:.2e}")
         if "seed_spread_8192" in r:
             s = r["seed_spread_8192"]
             print(f"  seed 0 vs seed 1 at 8192: r task {s['pearson_per_task_mean']:.3f}, rho final "
@@ -477,6 +579,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=4, help="pool rows per per-sample-gradient batch")
     parser.add_argument("--val-batch-size", type=int, default=4, help="validation pairs (rows) per batch")
     parser.add_argument("--projections", default="8192:0,8192:1,32768:0", help="comma list of dim:seed")
+    parser.add_argument("--spread-seeds", type=int, default=10,
+                        help="also score each dim with this many more seeds (1000, 1001, ...) and report mean/min/max")
+    parser.add_argument("--gradients-cache", default=None,
+                        help="torch file: per-sample gradients are read from it if it exists, else saved to it "
+                             "(re-analysis without the model passes; about 0.4 GB at the defaults)")
     parser.add_argument("--limit-pool", type=int, default=None, help="smoke test: this many pool rows")
     parser.add_argument("--limit-tasks", type=int, default=None, help="smoke test: this many validation tasks")
     parser.add_argument("--threads", type=int, default=1)

@@ -223,7 +223,11 @@ class FeatureArgs:
     seed: int = 0
     """Projection seed."""
     batch_size: int = 8
-    """Per-device batch size of the gradient stages."""
+    """Per-device batch size of the gradient stages (rows read and written together)."""
+    max_tokens_per_pass: int | None = 4096
+    """At most this many tokens per forward and backward of a gradient stage (rows x padded length; a pair counts
+    both sides): long rows are split into several passes of a batch. Activation memory grows with it (about 2 GB
+    per 1024 tokens for SmolLM2-135M on CPU). None: the whole batch at once."""
     store_dtype: Literal["float16", "float32"] = "float16"
     """dtype of stored projected features."""
     beta: float = 0.1

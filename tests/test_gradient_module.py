@@ -27,12 +27,13 @@ def warm(tmp_path_factory, tiny_model_dir):
     return root, pool, prefs
 
 
-def predict(ckpt, data_file, kind, model_dir, objective=None, transform=None, hidden=False, inference_mode=False):
+def predict(ckpt, data_file, kind, model_dir, objective=None, transform=None, hidden=False, inference_mode=False,
+            max_tokens_per_pass=4096):
     if hidden:
         module = HiddenStateModule(checkpoint=str(ckpt), model=str(model_dir))
     else:
         module = GradientFeatureModule(checkpoint=str(ckpt), objective=objective, transform=transform,
-                                       model=str(model_dir))
+                                       model=str(model_dir), max_tokens_per_pass=max_tokens_per_pass)
     dm = FeatureDataModule(str(data_file), str(model_dir), kind=kind, batch_size=3, max_seq_length=64,
                            max_prompt_length=32)
     callbacks = [] if hidden else [ProjectionCallback(kind="identity", normalize=False)]
@@ -77,6 +78,33 @@ def test_dpo_features_equal_single_example_dpo_gradients(warm, tiny_model_dir):
     noref, _, _ = predict(ckpt, prefs, "preference", tiny_model_dir, objective=DPOObjective(reference="none"))
     normalize = torch.nn.functional.normalize
     torch.testing.assert_close(normalize(feats, dim=1), normalize(noref, dim=1), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind,objective", [("sft", SFTObjective()), ("preference", DPOObjective(beta=0.5))])
+def test_features_do_not_depend_on_how_a_batch_is_split_into_passes(warm, tiny_model_dir, kind, objective):
+    root, pool, prefs = warm
+    data = pool if kind == "sft" else prefs
+    whole, _, _ = predict(root / "ckpt" / "epoch-2", data, kind, tiny_model_dir, objective=objective,
+                          max_tokens_per_pass=None)
+    split, _, _ = predict(root / "ckpt" / "epoch-2", data, kind, tiny_model_dir, objective=objective,
+                          max_tokens_per_pass=50)  # about one row (or half a pair) per pass
+    torch.testing.assert_close(split, whole, atol=ATOL, rtol=1e-4)
+
+
+def test_split_rows_keeps_every_row_once_in_order_within_the_budget():
+    from rose_pl.features.module import split_rows
+    from rose_pl.testing import random_sft_batch
+
+    lengths = [30, 28, 20, 9, 9, 3]
+    batch = random_sft_batch(lengths, [2] * 6)
+    chunks = split_rows(batch, 60)
+    assert [c["index"].tolist() for c in chunks] == [[0, 1], [2, 3, 4], [5]]  # 2 x 30, 3 x 20, 1 x 3 tokens
+    for c in chunks:
+        longest = int(c["attention_mask"].sum(1).max())
+        assert c["input_ids"].shape == (len(c["index"]), longest) and len(c["index"]) * longest <= 60
+        rows = c["index"].tolist()
+        assert torch.equal(c["labels"], batch["labels"][rows, :longest])
+    assert split_rows(batch, None) == [batch] and split_rows(batch, 10)[0]["index"].tolist() == [0]
 
 
 def test_hidden_state_module_gives_unit_mean_hidden_states(warm, tiny_model_dir):

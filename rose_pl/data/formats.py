@@ -243,7 +243,10 @@ def read_instructions(
                 k += 1
             renamed.append(f"{id_} at {_loc(where)} -> {id_}#{k}")
             id_ = f"{id_}#{k}"
-        _check_unique(path, ids, id_, where)
+        if id_ in ids:
+            raise DataFormatError(path, where, f"duplicate id {id_!r} (first at {_loc(ids[id_])}); "
+                                               "duplicate_ids: rename keeps both (the repeat becomes id#2)")
+        ids[id_] = where
         examples.append(InstructionExample(dataset, id_, messages, row, where))
     if not examples:
         raise DataFormatError(path, None, "no rows")

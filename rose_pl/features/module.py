@@ -87,6 +87,7 @@ class GradientFeatureModule(CheckpointFeatureModule):
         dtype: str = "float32",
         attn_implementation: str | None = "eager",
         compute_dtype: str | None = "float32",
+        max_tokens_per_pass: int | None = 4096,
     ):
         """
         Args:
@@ -100,6 +101,10 @@ class GradientFeatureModule(CheckpointFeatureModule):
             attn_implementation: Attention kernel; eager is the safe choice with padding masks.
             compute_dtype: dtype of the per-sample outer products (results are float32 either way); None keeps
                 the activation dtype (bfloat16 under bf16 weights or precision, faster on GPU).
+            max_tokens_per_pass: At most this many tokens (rows x padded length; a pair counts both sides) go
+                through one forward and backward: a batch of long rows is split into passes, each trimmed to
+                its own longest row. Activation memory grows with it (about 2 GB per 1024 tokens for SmolLM2-135M
+                on CPU; far more for 8B models); None: the whole batch at once.
         """
         super().__init__(checkpoint, model, dtype, attn_implementation)
         self.save_hyperparameters(ignore=["objective", "transform"])
@@ -110,6 +115,9 @@ class GradientFeatureModule(CheckpointFeatureModule):
             raise ConfigError(f"transform: {transform!r} is not a GradientTransform (rose_pl.features.transforms)")
         if compute_dtype is not None and not isinstance(getattr(torch, compute_dtype, None), torch.dtype):
             raise ConfigError(f"compute_dtype: {compute_dtype!r} is not a torch dtype")
+        if max_tokens_per_pass is not None and (isinstance(max_tokens_per_pass, bool)
+                                                or not isinstance(max_tokens_per_pass, int) or max_tokens_per_pass < 1):
+            raise ConfigError(f"max_tokens_per_pass: {max_tokens_per_pass!r} is not a positive integer (or None)")
         self.transform = transform
         self.gradient_sink = None
         self._grads = None
@@ -159,5 +167,35 @@ class GradientFeatureModule(CheckpointFeatureModule):
                                       "(add a ProjectionCallback or another sink callback)")
                 self.transform.setup(self)
                 sink = self.transform.wrap(sink, self.device)
-            out = self._grads.compute(self.objective, batch, sink=sink)
-            return {"index": index, "grads" if sink is None else "features": out}
+            outs = [self._grads.compute(self.objective, chunk, sink=sink)
+                    for chunk in split_rows(batch, self.hparams.max_tokens_per_pass)]
+            return {"index": index, "grads" if sink is None else "features": _concat(outs)}
+
+
+def split_rows(batch: dict, max_tokens: int | None) -> list[dict]:
+    """Consecutive rows of a right-padded batch in chunks of at most `max_tokens` tokens (rows x the chunk's
+    longest row; a preference pair counts both sides), each trimmed to its longest row. A row longer than the
+    budget is a chunk of its own."""
+    masks = [batch[k] for k in ("attention_mask", "chosen_attention_mask", "rejected_attention_mask") if k in batch]
+    lengths = torch.stack([m.sum(1) for m in masks]).max(0).values.tolist()
+    if max_tokens is None or len(lengths) * max(lengths) * len(masks) <= max_tokens:
+        return [batch]
+    per_row = len(masks)  # a pair's two sides run in one forward pass
+    chunks, start = [], 0
+    while start < len(lengths):
+        end, longest = start + 1, lengths[start]
+        while end < len(lengths) and per_row * (end - start + 1) * max(longest, lengths[end]) <= max_tokens:
+            longest, end = max(longest, lengths[end]), end + 1
+        chunks.append({k: (v[start:end, :longest] if v.dim() == 2 else v[start:end]) if torch.is_tensor(v) else v
+                       for k, v in batch.items()})
+        start = end
+    return chunks
+
+
+def _concat(outs: list):
+    """The per-chunk outputs of a batch as one: tensors stacked by row, dicts of tensors key by key."""
+    if len(outs) == 1:
+        return outs[0]
+    if isinstance(outs[0], dict):
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    return torch.cat(outs)

@@ -36,6 +36,11 @@ def _target_rows(layout: RunLayout, methods: list[str], target: str) -> list[dic
                 row["win_rate 95% CI"] = "[{:.3f}, {:.3f}]".format(*ci)
         if len(row) > 1:
             rows.append(row)
+    # Every selection gets every source, in name order: the table's columns line up.
+    sources = sorted({k for r in rows for k in r.get("composition %", {})})
+    for r in rows:
+        if "composition %" in r:
+            r["composition %"] = {k: r["composition %"].get(k, 0.0) for k in sources}
     return rows
 
 

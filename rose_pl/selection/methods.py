@@ -105,7 +105,7 @@ def training_side(args: FeatureArgs) -> FeatureSpec:
         "rose_pl.features.module.GradientFeatureModule",
         objective=class_config("rose_pl.features.objectives.SFTObjective"),
         transform=class_config("rose_pl.features.transforms.AdamDirection"),
-        dtype=args.dtype, compute_dtype=args.compute_dtype,
+        dtype=args.dtype, compute_dtype=args.compute_dtype, max_tokens_per_pass=args.max_tokens_per_pass,
     )
     return FeatureSpec("train", "pool", "sft", module)
 
@@ -131,7 +131,8 @@ class GradientMethod(SelectionMethod):
     def validation_module(self, args: FeatureArgs) -> dict:
         """The feature module of the validation side: raw per-sample gradients of the objective."""
         return class_config("rose_pl.features.module.GradientFeatureModule", objective=self.objective_config(args),
-                            dtype=args.dtype, compute_dtype=args.compute_dtype)
+                            dtype=args.dtype, compute_dtype=args.compute_dtype,
+                            max_tokens_per_pass=args.max_tokens_per_pass)
 
     def feature_specs(self, args: FeatureArgs) -> list[FeatureSpec]:
         """The projected scoring's stages (exact scoring's are built by the pipeline from the same parts)."""
