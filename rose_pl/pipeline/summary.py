@@ -25,13 +25,17 @@ def collect(args: RunArgs, done: dict[str, str]) -> dict:
     """The summary as data: stages (status, seconds, rows, dropped), selections, reports, comparison."""
     layout = RunLayout(args.output_dir)
     manifest = RunManifest(layout.root)
-    stages = []
+    stages, timed_groups = [], set()
     for name, status in done.items():
         entry = manifest.entry(name) or {}
         figures = entry.get("figures") or {}
         reasons = sorted({d.get("reason", "dropped") for d in figures.get("dropped_rows", []) if isinstance(d, dict)})
-        stages.append({"stage": name, "status": status, "seconds": entry.get("seconds"),
-                       "rows": figures.get("rows"), "dropped": figures.get("dropped"), "drop_reasons": reasons})
+        group = tuple(entry.get("group") or ())
+        shared = bool(group) and group in timed_groups  # one pass for several stages: its time is counted once
+        timed_groups.add(group)
+        stages.append({"stage": name, "status": status, "seconds": None if shared else entry.get("seconds"),
+                       "shared_pass": shared, "rows": figures.get("rows"), "dropped": figures.get("dropped"),
+                       "drop_reasons": reasons})
     selections = []
     for name in done:
         parts = name.split("/")
@@ -55,7 +59,8 @@ def render(summary: dict, rerun: str) -> str:
     for r in rows:
         dropped = "" if r["dropped"] in (None, 0) else str(r["dropped"])
         reasons = f"  ({'; '.join(r['drop_reasons'])[:80]})" if r["drop_reasons"] else ""
-        lines.append(f"  {r['stage']:<{width}}  {r['status']:<7}  {_duration(r['seconds']):>7}  "
+        wall = "shared" if r.get("shared_pass") else _duration(r["seconds"])
+        lines.append(f"  {r['stage']:<{width}}  {r['status']:<7}  {wall:>7}  "
                      f"{'' if r['rows'] is None else r['rows']:>7}  {dropped:>7}{reasons}")
     if summary["selections"]:
         lines += ["", "Selections (the pool's own rows, best first) and their reports:"]
