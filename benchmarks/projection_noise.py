@@ -41,7 +41,8 @@ from rose_pl.data.collate import PreferenceCollator, SFTCollator
 from rose_pl.data.encoding import Encoder
 from rose_pl.data.formats import read_instructions, read_preferences
 from rose_pl.features.exact import ExactScoreSink
-from rose_pl.features.objectives import DPOObjective, SFTObjective, sft_loss
+from rose_pl.features.objectives import DPOObjective, SFTObjective
+from rose_pl.training.losses import sft_loss
 from rose_pl.features.per_sample_grads import BlockSink, PerSampleGradients
 from rose_pl.features.projection import CountSketchProjector, NormalizingSink
 from rose_pl.features.transforms import AdamTransformSink

@@ -30,7 +30,6 @@ COMMANDS = {
     "evaluate": "a base model or fine-tuned adapter on a test set (preference pairs or prompts with golden answers)",
     "prepare-model": "convert the embedded default model once and print its folder",
 }
-LIGHTNING = ("fit", "validate", "test", "predict")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,9 +65,9 @@ def dispatch(command: str, args: list[str]):
         from rose_pl.commands import run_argv
 
         return run_argv(args)
-    if command in LIGHTNING:
-        from rose_pl.pipeline.lightning import lightning_cli
+    from rose_pl.pipeline.lightning import LIGHTNING_COMMANDS, lightning_cli
 
+    if command in LIGHTNING_COMMANDS:
         return lightning_cli([command, *args])
     extra = _extra_commands()
     from jsonargparse import auto_cli
@@ -96,12 +95,21 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0)
     if ns.command not in COMMANDS:
         parser.exit(2, f"{PROG}: unknown command {ns.command!r}; use one of {', '.join(COMMANDS)}\n")
-    configure_logging(ns.log_level or "INFO")
+    import os
+
+    from rose_pl.console import DEBUG_ENV, LEVEL_ENV
+
+    level = ns.log_level or os.environ.get(LEVEL_ENV) or "INFO"
+    # Stages run as subprocesses (several devices) read the same settings from the environment.
+    os.environ[LEVEL_ENV] = level
+    if ns.debug:
+        os.environ[DEBUG_ENV] = "1"
+    configure_logging(level)
     try:
         dispatch(ns.command, ns.args)
     except RoseError as error:
         logging.getLogger(__name__).debug("failed", exc_info=True)
-        raise SystemExit(report_error(error, ns.debug)) from None
+        raise SystemExit(report_error(error)) from None
 
 
 if __name__ == "__main__":

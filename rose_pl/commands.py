@@ -31,6 +31,7 @@ def score(
     device: str | None = None,
     duplicate_ids: Literal["error", "rename"] = "error",
     on_invalid_pair: Literal["error", "drop"] = "error",
+    all_pairs: bool = False,
 ) -> None:
     """ROSE Eq. 7: checkpoint-weighted inner products of pool and validation gradients, max over tasks.
 
@@ -48,9 +49,10 @@ def score(
         side: Exact: which validation side's columns to score (val_dpo for ROSE, val_sft for LESS).
         weights: Checkpoint weights; default: each checkpoint's mean learning rate from the store metadata.
         block_size: Training rows scored per block (memory vs speed); default influence.DEFAULT_BLOCK_SIZE.
-        device: cpu or cuda; default: cuda when available (logged).
+        device: Projected: cpu or cuda; default: cuda when available (logged). Exact scores are read on the CPU.
         duplicate_ids: Pool rows that repeat an id: error, or rename them as the stores' run did.
         on_invalid_pair: Validation pairs with an empty side or chosen == rejected: error, or drop (as the run did).
+        all_pairs: ROSE JSON validation files: one pair per [winner, loser] index pair (as the run did).
     """
     from rose_pl.data.formats import read_instructions, read_preferences
     from rose_pl.selection.influence import DEFAULT_BLOCK_SIZE, exact_scores, save_scores, score_stores
@@ -66,12 +68,14 @@ def score(
         raise ConfigError(problems)
     examples = read_instructions(pool, duplicate_ids)
     if projected:
-        task_ids = [v.task for v in read_preferences(validation_data, shots_per_task, on_invalid_pair=on_invalid_pair)]
+        task_ids = [v.task for v in read_preferences(validation_data, shots_per_task, all_pairs,
+                                                     on_invalid_pair=on_invalid_pair)]
         result = score_stores(train, val, task_ids, weights, block_size=block_size or DEFAULT_BLOCK_SIZE, device=device)
     else:
         result = exact_scores(exact, side, weights, block_size=block_size or DEFAULT_BLOCK_SIZE)
     if result.num_rows != len(examples):
-        raise ConfigError(f"{pool}: {len(examples)} rows but the stores hold {result.num_rows}")
+        raise ConfigError(f"{pool}: {len(examples)} rows but the stores hold {result.num_rows}: another pool, or "
+                          "another duplicate_ids setting than the stores were computed with?")
     save_scores(output, result, [e.id for e in examples], [e.dataset for e in examples],
                 meta={"pool": pool, "validation": validation_data, "train": train, "val": val, "exact": exact,
                       "side": side if exact else None})
@@ -151,18 +155,20 @@ def evaluate(
         label: Name of this result in tables (default: the adapter folder or 'base').
     """
     from rose_pl.data.formats import kind_of_test_set, read_golden_answers, read_preferences
-    from rose_pl.evaluation.evaluate import evaluate_model
-    from rose_pl.pipeline.inputs import check_model, check_writable, preference_test_tasks
+    from rose_pl.evaluation.evaluate import check_evaluation, evaluate_model
+    from rose_pl.hub import check_model_source
+    from rose_pl.pipeline.inputs import check_writable, test_set_reading
 
-    pref = preference or PreferenceArgs()
-    shots = preference_test_tasks(data, shots_per_task)
-    if kind_of_test_set(data) == "golden":
+    kind = kind_of_test_set(data)
+    check_evaluation(kind, data, judge, prompt_format, batch_size, max_seq_length)
+    shots, pref = test_set_reading(data, preference or PreferenceArgs())
+    if shots_per_task is not None:
+        shots = shots_per_task
+    if kind == "golden":
         read_golden_answers(data)
-        if judge is None:
-            raise ConfigError(f"{data} holds prompts with golden answers: evaluating them needs a judge (--judge)")
     else:
         read_preferences(data, shots, pref.all_pairs, on_invalid_pair=pref.on_invalid_pair)
-    check_model(model)
+    check_model_source(model)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"adapter: {adapter} is not a peft adapter folder (no adapter_config.json)")
     check_writable(str(Path(output).parent))

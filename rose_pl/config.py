@@ -96,6 +96,16 @@ def _positive_int(name: str, value) -> list[str]:
     return []
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+"""Weights dtypes a model is loaded in."""
+
+
+def _dtype(name: str, value, allow_none: bool = False) -> list[str]:
+    if (value is None and allow_none) or value in DTYPES:
+        return []
+    return [f"{name}: {value!r} is not one of {list(DTYPES)}" + (" or null" if allow_none else "")]
+
+
 def _registered(registry, name: str, value: str) -> list[str]:
     try:
         registry.get(value)
@@ -146,7 +156,7 @@ class FitArgs:
 
     def validate(self) -> list[str]:
         problems = _positive_int("epochs", self.epochs) + _positive_int("batch_size", self.batch_size)
-        problems += _positive_int("accumulate_grad_batches", self.accumulate_grad_batches)
+        problems += _positive_int("accumulate_grad_batches", self.accumulate_grad_batches) + _dtype("dtype", self.dtype)
         return problems + self.lora.validate() + self.optim.validate()
 
 
@@ -244,6 +254,9 @@ class FeatureArgs:
     def validate(self) -> list[str]:
         problems = _registered(PROJECTORS, "projector", self.projector)
         problems += _positive_int("dim", self.dim) + _positive_int("batch_size", self.batch_size)
+        problems += _dtype("dtype", self.dtype) + _dtype("compute_dtype", self.compute_dtype, allow_none=True)
+        if self.max_tokens_per_pass is not None:
+            problems += _positive_int("max_tokens_per_pass", self.max_tokens_per_pass)
         if not self.beta > 0:
             problems.append(f"beta must be positive, got {self.beta}")
         return problems
@@ -303,6 +316,23 @@ class JudgeArgs:
     concurrency: int = 4
     """Judge requests in flight at once."""
 
+    def validate(self, max_seq_length: int) -> list[str]:
+        problems = []
+        if not str(self.base_url).startswith(("http://", "https://")):
+            problems.append(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        if not self.model:
+            problems.append("model must name the judge model at the endpoint")
+        for name in ("max_new_tokens", "max_tokens", "concurrency"):
+            problems += _positive_int(name, getattr(self, name))
+        if self.max_prompts is not None:
+            problems += _positive_int("max_prompts", self.max_prompts)
+        if not self.timeout > 0 or self.max_retries < 0:
+            problems.append(f"timeout must be positive and max_retries >= 0, got {self.timeout}, {self.max_retries}")
+        if isinstance(self.max_new_tokens, int) and self.max_new_tokens >= max_seq_length:
+            problems.append(f"max_new_tokens ({self.max_new_tokens}) must be below data.max_seq_length "
+                            f"({max_seq_length}): the prompt needs room before the answer")
+        return problems
+
 
 @dataclass
 class EvalArgs:
@@ -330,9 +360,10 @@ class TargetArgs:
     test: str | None = None
     """Held-out test set: preference pairs, or prompt + golden_answer rows (JSON/JSONL). None: no evaluation."""
     preference: PreferenceArgs | None = None
-    """How this target's pairs are read and tokenized; None: the run's `preference` settings."""
+    """How this target's pairs are read and tokenized; None: the run's `preference` settings. Given, it replaces
+    them as a whole: keys it leaves out take their defaults, not the run's."""
     selection: SelectionArgs | None = None
-    """This target's selection budget; None: the run's `selection` settings."""
+    """This target's selection budget; None: the run's `selection` settings (given, it replaces them as a whole)."""
 
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
@@ -411,8 +442,8 @@ class RunArgs:
         if self.validation is None and (self.test is not None or self.shots_per_task is not None):
             problems.append("test / shots_per_task: the single-target shorthand needs `validation` too")
         for name, target in targets.items():
-            if not name or not set(name) <= _NAME_CHARS:
-                problems.append(f"targets: name {name!r} may only use letters, digits, '_', '-' and '.'")
+            if not name or not set(name) <= _NAME_CHARS or set(name) == {"."}:
+                problems.append(f"targets: name {name!r} may only use letters, digits, '_', '-' and '.' (not only dots)")
             if target.preference is not None:  # else the run's, checked once below
                 problems += _prefixed(f"targets.{name}.preference", target.preference.validate(self.data.max_seq_length))
             if target.selection is not None:
@@ -423,4 +454,11 @@ class RunArgs:
         problems += _prefixed("finetune", self.finetune.validate())
         problems += _prefixed("features", self.features.validate())
         problems += _prefixed("selection", self.selection.validate())
+        problems += _positive_int("evaluation.batch_size", self.evaluation.batch_size)
+        if self.evaluation.judge is not None:
+            problems += _prefixed("evaluation.judge", self.evaluation.judge.validate(self.data.max_seq_length))
+        if self.trainer.num_nodes != 1:
+            problems.append("trainer.num_nodes: run drives the stages of one node (several devices on it are fine); "
+                            "on several nodes, run each stage with the configs of configs/ under your launcher "
+                            "(README: Each stage alone)")
         return problems

@@ -25,6 +25,7 @@ from rose_pl.errors import RoseError
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%H:%M:%S"
 DEBUG_ENV = "ROSE_PL_DEBUG"
+LEVEL_ENV = "ROSE_PL_LOG_LEVEL"
 LOG_FILE_ENV = "ROSE_PL_LOG_FILE"
 EXIT_ROSE_ERROR = 2
 
@@ -100,7 +101,7 @@ def configure_logging(level: str | int = "INFO") -> None:
 def _add_file_handler(path: Path) -> logging.Handler:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(FORMAT))  # with the full date: a log file outlives the day
     handler.setLevel(logging.INFO)
     logging.getLogger().addHandler(handler)
     return handler

@@ -47,15 +47,49 @@ def _embedded_gguf(name: str) -> Path:
     return path
 
 
+def _converted(name: str) -> Path:
+    return cache_dir() / name.split(":", 1)[1]
+
+
+def _is_converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Raise ConfigError unless the model can be loaded without surprises: the embedded model installed (or
+    already converted), a local folder with config.json, or a hub id (offline: in the local cache)."""
+    if name_or_path.startswith("embedded:"):
+        if name_or_path not in _EMBEDDED:
+            raise ConfigError(f"unknown embedded model {name_or_path!r}; known: {sorted(_EMBEDDED)}")
+        if not _is_converted(_converted(name_or_path)):
+            _embedded_gguf(name_or_path)
+        return
+    path = Path(name_or_path).expanduser()
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{name_or_path} is not a model folder (no config.json)")
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        try:
+            found = try_to_load_from_cache(name_or_path, "config.json")
+        except Exception as e:  # an id the hub would refuse, e.g. with too many slashes
+            raise ConfigError(f"{name_or_path!r} is neither a local folder nor a hub id ({e})") from None
+        if not isinstance(found, str):
+            raise ConfigError(f"{name_or_path!r} is not in the local Hugging Face cache and the hub is off "
+                              "(HF_HUB_OFFLINE): download it first, or give its local folder")
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """Return what `from_pretrained` should get: a hub id or local folder unchanged, the embedded default
-    converted (once, atomically) to a cached safetensors folder."""
+    """Return what `from_pretrained` should get: a hub id or local folder unchanged (~ expanded), the embedded
+    default converted (once, atomically) to a cached safetensors folder."""
     if name_or_path not in _EMBEDDED:
         if name_or_path.startswith("embedded:"):
             raise ConfigError(f"unknown embedded model {name_or_path!r}; known: {sorted(_EMBEDDED)}")
-        return name_or_path
-    target = cache_dir() / name_or_path.split(":", 1)[1]
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
+    target = _converted(name_or_path)
+    if _is_converted(target):
         return str(target)
     gguf = _embedded_gguf(name_or_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer

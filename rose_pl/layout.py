@@ -6,7 +6,8 @@ configs/<stage>.yaml                       the LightningCLI YAML of every Lightn
 logs/<stage>.log                           everything each stage logged, unfiltered
 warmup/checkpoints/                        manifest.json + epoch-k/{adapter/, optimizer.pt, info.json}
 warmup/resume/                             Lightning checkpoints of an unfinished warmup
-features/<side>/epoch-k/                   pool feature stores (projected scoring; side train, rds_train)
+features/<side>/epoch-k/                   pool feature stores (projected scoring: side train; rds_train has one store,
+                                           features/rds_train/, at the last checkpoint)
 targets/<t>/features/<side>/epoch-k/       the target's validation feature stores (projected scoring)
 targets/<t>/means/<side>/epoch-k/          the target's per-task mean validation gradients (exact scoring)
 targets/<t>/exact/epoch-k/                 the pool's exact scores against the target's tasks (exact scoring)

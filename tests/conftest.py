@@ -39,3 +39,15 @@ def rose_validation_dir():
         if candidate.is_dir():
             return candidate
     pytest.skip("shared/data/rose_validation not present on this machine")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_repository_stays_clean():
+    """Tests write under tmp_path only: a stray file in the repository (a Lightning config.yaml, logs) is an error."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    before = {p.name for p in root.iterdir()}
+    yield
+    new = sorted({p.name for p in root.iterdir()} - before - {".pytest_cache", "runs"})
+    assert not new, f"tests left files in the repository: {new}"

@@ -178,7 +178,7 @@ def predict_config(out: Path, means: Path, ckpt: Path, pool: Path, model_dir: Pa
         callbacks.append({"class_path": "test_exact.KillAfterBatches", "init_args": {"batches": kill_after}})
     return {
         "trainer": {"accelerator": "cpu", "logger": False, "inference_mode": False, "enable_progress_bar": False,
-                    "callbacks": callbacks},
+                    "default_root_dir": str(out.parent), "callbacks": callbacks},
         "model": {"class_path": "rose_pl.features.module.GradientFeatureModule",
                   "init_args": {"checkpoint": str(ckpt), "model": str(model_dir),
                                 "objective": {"class_path": "rose_pl.features.objectives.SFTObjective"},
@@ -235,3 +235,57 @@ def test_ddp_exact_pass_equals_one_process(warm, exact_run, tiny_model_dir, tmp_
         results[devices] = FeatureStore.open(out)
     assert results[1].is_complete and results[2].is_complete and results[1].meta == results[2].meta
     np.testing.assert_allclose(results[2].features(), results[1].features(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_ddp_task_means_equal_one_process_when_the_rows_do_not_divide_among_ranks(warm, tiny_model_dir, tmp_path):
+    """5 validation pairs on 2 ranks: the sampler repeats one pair to even the ranks out; it must count once."""
+    root, manifest, _, prefs = warm
+    c = manifest.checkpoints[0]
+    means = {}
+    for devices in (1, 2):
+        out = tmp_path / f"means{devices}"
+        config = {
+            "trainer": {"accelerator": "cpu", "logger": False, "inference_mode": False, "enable_progress_bar": False,
+                        "default_root_dir": str(tmp_path), "callbacks": [
+                            {"class_path": "rose_pl.features.exact.TaskMeanWriter",
+                             "init_args": {"output_dir": str(out), "side": "val_dpo"}}]},
+            "model": {"class_path": "rose_pl.features.module.GradientFeatureModule",
+                      "init_args": {"checkpoint": str(c.path), "model": str(tiny_model_dir),
+                                    "objective": {"class_path": "rose_pl.features.objectives.DPOObjective"}}},
+            "data": {"class_path": "rose_pl.data.datamodule.FeatureDataModule",
+                     "init_args": {"data_file": str(prefs), "tokenizer": str(tiny_model_dir), "kind": "preference",
+                                   "batch_size": 2, "max_seq_length": 64, "max_prompt_length": 32}},
+            "return_predictions": False,
+        }
+        extra = ["--trainer.devices", str(devices)] + (["--trainer.strategy", "ddp"] if devices > 1 else [])
+        proc = predict_cli(tmp_path, f"means{devices}", config, *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        means[devices] = TaskMeans.load(out)
+    one, two = means[1], means[2]
+    assert one.meta["counts"] == two.meta["counts"] == [3, 2] and one.side == "val_dpo"
+    for name in one.means:
+        torch.testing.assert_close(two.means[name], one.means[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_with_more_ranks_than_rows_is_refused_with_the_fix(warm, tiny_model_dir, tmp_path):
+    """Lightning gives every rank at least one row and crashes otherwise: say so, naming the file and the fix."""
+    root, manifest, _, _ = warm
+    one_pair = tmp_path / "one.jsonl"
+    one_pair.write_text('{"prompt": "ask", "chosen": "good answer", "rejected": "bad", "task": "t"}\n')
+    config = {
+        "trainer": {"accelerator": "cpu", "logger": False, "inference_mode": False, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path), "callbacks": [
+                        {"class_path": "rose_pl.features.exact.TaskMeanWriter", "init_args": {"output_dir": str(tmp_path / "m")}}]},
+        "model": {"class_path": "rose_pl.features.module.GradientFeatureModule",
+                  "init_args": {"checkpoint": str(manifest.checkpoints[0].path), "model": str(tiny_model_dir),
+                                "objective": {"class_path": "rose_pl.features.objectives.DPOObjective"}}},
+        "data": {"class_path": "rose_pl.data.datamodule.FeatureDataModule",
+                 "init_args": {"data_file": str(one_pair), "tokenizer": str(tiny_model_dir), "kind": "preference",
+                               "max_seq_length": 64, "max_prompt_length": 32}},
+        "return_predictions": False,
+    }
+    proc = predict_cli(tmp_path, "one", config, "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert proc.returncode != 0
+    assert f"{one_pair}: 1 rows to predict on 2 ranks" in proc.stderr and "at most 1 devices" in proc.stderr

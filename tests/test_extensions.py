@@ -9,9 +9,10 @@ import torch
 import yaml
 from reference import warmup
 
-from rose_pl.features.objectives import Objective, PerSampleLoss, concat_pairs, sequence_logprobs
+from rose_pl.features.objectives import Objective, PerSampleLoss, concat_pairs
+from rose_pl.training.losses import sequence_logprobs
 from rose_pl.selection.influence import InfluenceResult
-from rose_pl.selection.methods import GradientMethod, SelectionMethod, gradient_scores, register_method
+from rose_pl.selection.methods import GradientMethod, SelectionMethod, register_method
 
 
 class MarginObjective(Objective):
@@ -40,7 +41,7 @@ def shortest_answers(ctx) -> InfluenceResult:
     return InfluenceResult(scores, scores[:, None], np.zeros(len(scores), dtype=np.int64), ["any"], np.ones(1))
 
 
-MARGIN = GradientMethod("margin", gradient_scores("val_margin"), side="val_margin", kind="preference",
+MARGIN = GradientMethod("margin", side="val_margin", kind="preference",
                         objective={"class_path": "test_extensions.MarginObjective", "init_args": {"scale": 3.0}})
 SHORTEST = SelectionMethod("shortest", shortest_answers, description="short answers first")
 
@@ -55,7 +56,7 @@ def test_an_objective_defined_in_a_test_file_runs_through_predict_by_class_path(
                             ("dpo", {"class_path": "rose_pl.features.objectives.DPOObjective"})):
         config = {
             "trainer": {"accelerator": "cpu", "logger": False, "inference_mode": False, "enable_progress_bar": False,
-                        "callbacks": [
+                        "default_root_dir": str(tmp_path), "callbacks": [
                             {"class_path": "rose_pl.features.projection.ProjectionCallback",
                              "init_args": {"kind": "identity"}},
                             {"class_path": "rose_pl.features.store.FeatureStoreWriter",

@@ -1,6 +1,7 @@
 """The predict-time gradient module end to end: Trainer.predict output against hand computations."""
 
 import json
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -125,7 +126,7 @@ def test_an_objective_that_does_not_fit_the_data_kind_is_refused(warm, tiny_mode
 def predict_config(out, ckpt, data_file, model_dir) -> dict:
     return {
         "trainer": {"accelerator": "cpu", "logger": False, "inference_mode": False, "enable_progress_bar": False,
-                    "callbacks": [
+                    "default_root_dir": str(Path(str(out)).parent), "callbacks": [
                         {"class_path": "rose_pl.features.projection.ProjectionCallback", "init_args": {"kind": "countsketch", "dim": 64}},
                         {"class_path": "rose_pl.features.store.FeatureStoreWriter", "init_args": {"output_dir": str(out), "dtype": "float32"}},
                     ]},

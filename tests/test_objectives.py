@@ -6,17 +6,9 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from rose_pl.testing import random_sft_batch, token_rows
-from rose_pl.features.objectives import (
-    IGNORE_INDEX,
-    DPOObjective,
-    SFTObjective,
-    concat_pairs,
-    dpo_loss,
-    sequence_logprobs,
-    sft_loss,
-    sft_loss_per_sample,
-    token_logprobs,
-)
+from rose_pl.data.encoding import IGNORE_INDEX
+from rose_pl.features.objectives import DPOObjective, SFTObjective, concat_pairs
+from rose_pl.training.losses import dpo_loss, sequence_logprobs, sft_loss, sft_loss_per_sample, token_logprobs
 from rose_pl.testing import tiny_llama
 
 ATOL = 1e-5

@@ -8,7 +8,8 @@ from torch import nn
 
 from rose_pl.testing import random_sft_batch, token_rows
 from rose_pl.errors import CheckpointError
-from rose_pl.features.objectives import IGNORE_INDEX, DPOObjective, PerSampleLoss, SFTObjective
+from rose_pl.data.encoding import IGNORE_INDEX
+from rose_pl.features.objectives import DPOObjective, PerSampleLoss, SFTObjective
 from rose_pl.features.per_sample_grads import PerSampleGradients
 from rose_pl.features.projection import IdentityProjector
 from rose_pl.features.transforms import AdamTransformSink, adam_direction

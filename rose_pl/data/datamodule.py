@@ -394,6 +394,17 @@ class FeatureDataModule(_TokenizerDataModule):
         self.setup("predict")
         hp = self.hparams
         sampler = self._sampler()
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if len(sampler) < world and self.skip_indices:
+            # Lightning gives every rank at least one row: redo a few finished rows (their writes are idempotent).
+            redo = sorted(self.skip_indices)[: world - len(sampler)]
+            log.info("%s: %d rows left for %d ranks: computing %d finished rows again", hp.data_file, len(sampler),
+                     world, len(redo))
+            self.skip_indices = set(self.skip_indices) - set(redo)
+            sampler = self._sampler()
+        if len(sampler) < world:
+            raise ConfigError(f"{hp.data_file}: {len(sampler)} rows to predict on {world} ranks; every rank needs one: "
+                              f"run this stage on at most {len(sampler)} devices")
         if self.skip_indices:
             log.info("%s: skipping %d finished rows, %d left", hp.data_file, len(self.skip_indices), len(sampler))
         collate = PreferenceCollator if hp.kind == "preference" else SFTCollator

@@ -85,7 +85,6 @@ class Encoder:
             raise ConfigError(problems)
         self.tokenizer = tokenizer
         self.template = get_template(chat_template)
-        self.template_name = chat_template if isinstance(chat_template, str) else self.template.name
         self.max_seq_length = max_seq_length
         self.prompt_truncation = prompt_truncation
         self.preference_format = preference_format
@@ -93,14 +92,6 @@ class Encoder:
         self.eos_id = int(tokenizer.eos_token_id)
         self.bos = [int(tokenizer.bos_token_id)] if self.template.adds_bos() and _adds_bos(tokenizer) else []
         self._cache: dict[str, list[int]] = {}
-
-    def settings(self) -> dict:
-        """What defines the token ids (recorded in store metadata and fingerprints)."""
-        out = {"chat_template": self.template_name, "max_seq_length": self.max_seq_length,
-               "prompt_truncation": self.prompt_truncation}
-        if self.preference_format is not None:
-            out.update(preference_format=self.preference_format, max_prompt_length=self.max_prompt_length)
-        return out
 
     # ---- pieces -> ids ------------------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:

@@ -33,7 +33,10 @@ def default_judgements_path(output: str | Path) -> Path:
     return output.with_name(stem + ".judgements.jsonl")
 
 
-def _check(kind: str, data: str, judge: JudgeArgs | None, prompt_format: str, batch_size, max_seq_length) -> None:
+def check_evaluation(kind: str, data: str, judge: JudgeArgs | None, prompt_format: str, batch_size,
+                     max_seq_length) -> None:
+    """Raise ConfigError listing what keeps this test set from being evaluated with these settings (a golden-answer
+    set needs a judge...), before any model is loaded."""
     problems = []
     if kind == "golden" and judge is None:
         problems.append(f"{data} holds prompts with golden answers, which only a judge can score: set a judge "
@@ -149,7 +152,7 @@ def evaluate_model(
     from rose_pl.evaluation.metrics import EvaluationResult
 
     kind = kind_of_test_set(data)
-    _check(kind, data, judge, prompt_format, batch_size, max_seq_length)
+    check_evaluation(kind, data, judge, prompt_format, batch_size, max_seq_length)
     preference = preference or PreferenceArgs()
     judgements_path = Path(judgements) if judgements else default_judgements_path(output)
     # Built before the model loads, so that bad judge settings fail at once; it sends nothing yet.

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torchmetrics import MeanMetric, Metric, SumMetric
 
+from rose_pl.data.encoding import IGNORE_INDEX
 from rose_pl.errors import ConfigError
 from rose_pl.files import atomic_write_json, jsonable
 
@@ -152,7 +153,7 @@ def evaluate_preferences(
 
     `device`: where to run (the model is moved there); default the model's own device. The reference
     policy is the same peft model with adapters disabled; for a model without peft adapters the reward
-    metrics are NaN and `reference` is "none". `logprobs_fn` defaults to `objectives.sequence_logprobs`.
+    metrics are NaN and `reference` is "none". `logprobs_fn` defaults to `training.losses.sequence_logprobs`.
     Under an initialized process group every rank must call this: metric states are summed over ranks.
     """
     logprobs = logprobs_fn or _default_logprobs()
@@ -229,7 +230,7 @@ def evaluate_sft_loss(
         for batch in dataloader:
             batch = _to(batch, device)
             nll = -logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).double()
-            counts = (batch["labels"][:, 1:] != -100).sum(dim=1).double()  # the one-token shift
+            counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).double()  # the one-token shift
             has_tokens = counts > 0
             sums["nll"].update(nll.sum())
             sums["tokens"].update(counts.sum())

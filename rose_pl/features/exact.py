@@ -58,14 +58,16 @@ class TaskMeanWriter(BasePredictionWriter):
     the per-task sums are summed over ranks before rank 0 writes.
     """
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, side: str | None = None):
         """
         Args:
             output_dir: Folder for means.safetensors and means.json (replaced atomically when complete). Fields of
                 the module's feature metadata may be named in braces, e.g. `.../val_dpo/epoch-{checkpoint_epoch}`.
+            side: Name of this validation side in exact score columns (`<side>/<task>`); default: the folder
+                above output_dir (`.../means/val_dpo/epoch-2` -> val_dpo).
         """
         super().__init__(write_interval="batch")
-        self.output_dir = output_dir
+        self.output_dir, self.side = output_dir, side
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "predict":
@@ -83,16 +85,15 @@ class TaskMeanWriter(BasePredictionWriter):
         position = {t: i for i, t in enumerate(self.tasks)}
         self._task_of = torch.tensor([position[t] for t in dm.task_ids], dtype=torch.long)
         self.shapes = dict(pl_module.gradient_shapes())
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts = None
+        # The sums exist on every rank from here on: a rank with no rows still takes part in the reduction.
+        device = trainer.strategy.root_device
+        self._sums = {n: torch.zeros((len(self.tasks), *s), dtype=torch.float32, device=device)
+                      for n, s in self.shapes.items()}
+        self._counts = torch.zeros(len(self.tasks), dtype=torch.float64, device=device)
         self.zero_rows = 0
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.gradient_sink = BlockSink(list(self.shapes))
-        device = pl_module.device
-        self._sums = {n: torch.zeros((len(self.tasks), *s), dtype=torch.float32, device=device)
-                      for n, s in self.shapes.items()}
-        self._counts = torch.zeros(len(self.tasks), dtype=torch.float64, device=device)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
@@ -114,15 +115,27 @@ class TaskMeanWriter(BasePredictionWriter):
             self._sums[name].index_add_(0, tasks, g * scale.view(-1, *([1] * (g.dim() - 1))))
         self._counts.index_add_(0, tasks, torch.ones_like(tasks, dtype=torch.float64))
 
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Not on_predict_end: a rank given no rows (fewer rows than ranks) skips the predict hooks but not this one,
+        # so every rank takes part in the sums.
+        if stage != "predict":
+            return
         strategy = trainer.strategy
         counts = strategy.reduce(self._counts, reduce_op="sum") if trainer.world_size > 1 else self._counts
         sums = {n: strategy.reduce(t, reduce_op="sum") if trainer.world_size > 1 else t for n, t in self._sums.items()}
         zero_rows = int(strategy.reduce(torch.tensor(float(self.zero_rows), device=counts.device), reduce_op="sum")
                         ) if trainer.world_size > 1 else self.zero_rows
+        failure, message = None, None
         if trainer.is_global_zero:
-            self._write(trainer, pl_module, counts.cpu(), {n: t.cpu() for n, t in sums.items()}, zero_rows)
-        strategy.barrier("task_means_written")
+            try:
+                self._write(trainer, pl_module, counts.cpu(), {n: t.cpu() for n, t in sums.items()}, zero_rows)
+            except Exception as e:  # re-raised below: as is on rank 0, as a message elsewhere, so no rank waits
+                failure, message = e, f"{type(e).__name__}: {e}"
+        message = strategy.broadcast(message, src=0)
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise StoreMismatchError(f"task means {self.output_dir} (rank 0 failed): {message}")
 
     def _write(self, trainer, pl_module, counts, sums, zero_rows) -> None:
         from safetensors.torch import save_file
@@ -130,7 +143,9 @@ class TaskMeanWriter(BasePredictionWriter):
         present = [i for i, c in enumerate(counts.tolist()) if c > 0]
         empty = [self.tasks[i] for i in range(len(self.tasks)) if i not in present]
         if not present:
-            raise StoreMismatchError(f"{self.output_dir}: no task has a usable validation gradient")
+            raise StoreMismatchError(f"{self.output_dir}: no task has a usable validation gradient (every row was "
+                                     f"dropped or had a zero gradient: {zero_rows} zero); check the validation "
+                                     "file and max_seq_length")
         if empty:
             log.warning("task means %s: tasks %s have no usable row and are left out", self.output_dir, empty)
         keep = torch.tensor(present)
@@ -142,6 +157,7 @@ class TaskMeanWriter(BasePredictionWriter):
             "counts": [int(counts[i]) for i in present],
             "empty_tasks": empty,
             "zero_rows": zero_rows,
+            "side": self.side or Path(self.output_dir).parent.name,
             "normalize": True,
             "parameters": _layout(self.shapes),
             KEY_MODULE: pl_module.feature_metadata(),
@@ -179,8 +195,8 @@ class TaskMeans:
 
     @property
     def side(self) -> str:
-        """The validation side's name: the folder above the epoch folder (targets/<t>/means/<side>/epoch-k)."""
-        return self.path.parent.name
+        """The validation side's name, as recorded by the writer (exact score columns are `<side>/<task>`)."""
+        return self.meta.get("side") or self.path.parent.name
 
 
 # ---- pool side: inner products with every task mean ---------------------------------------------------

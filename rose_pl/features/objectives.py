@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from rose_pl.data.encoding import IGNORE_INDEX
 from rose_pl.errors import ConfigError
-from rose_pl.training.losses import dpo_loss, sequence_logprobs, sft_loss, sft_loss_per_sample, token_logprobs  # noqa: F401
+from rose_pl.training.losses import dpo_loss, sequence_logprobs, sft_loss_per_sample
 
 _PAIR_KEYS = ("input_ids", "attention_mask", "labels")
 _PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}

@@ -439,11 +439,6 @@ class FeatureStoreWriter(BasePredictionWriter):
         if self._excluded:
             log.warning("feature store %s: %d rows are dropped by the datamodule and get no features, e.g. %s",
                         where, len(self._excluded), [self._reasons.get(i, {}).get("id", i) for i in self._excluded[:10]])
-        if len(written) + len(self._excluded) == num_rows and trainer.is_global_zero:
-            # Nothing left to predict, so on_predict_end may never run: finish now.
-            for _, store in self.stores:
-                if not store.is_complete:
-                    store.finalize(self._excluded, self._reasons)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
@@ -452,7 +447,10 @@ class FeatureStoreWriter(BasePredictionWriter):
         for out, store in self.stores:
             store.write(prediction["index"], features if out.columns is None else features[:, out.columns])
 
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Not on_predict_end: a rank given no rows (fewer rows than ranks) skips the predict hooks but not this one.
+        if stage != "predict" or not self.stores:
+            return
         trainer.strategy.barrier("feature_store_finalize")
         message = None
         if trainer.is_global_zero:

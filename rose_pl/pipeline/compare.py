@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 from rose_pl.config import RunArgs
+from rose_pl.evaluation.metrics import EvaluationResult
 from rose_pl.files import atomic_write_json, atomic_write_text, jsonable
 from rose_pl.layout import BASE, RunLayout
 from rose_pl.selection.report import comparison_table, composition
@@ -13,8 +13,8 @@ from rose_pl.selection.select import read_selection
 
 METRICS = ("pref_accuracy", "reward_accuracy", "reward_margin", "sft_loss", "win_rate", "tie_rate", "loss_rate")
 """Evaluation metrics shown in the comparison (where a test set gives them)."""
-HIGHER_IS_BETTER = {"pref_accuracy": True, "reward_accuracy": True, "reward_margin": True, "win_rate": True}
-"""Metrics the cross-target summary ranks methods by."""
+RANKED = ("pref_accuracy", "reward_accuracy", "reward_margin", "win_rate")
+"""Metrics the cross-target summary ranks methods by (higher is better for each)."""
 
 
 def _target_rows(layout: RunLayout, methods: list[str], target: str) -> list[dict]:
@@ -29,7 +29,7 @@ def _target_rows(layout: RunLayout, methods: list[str], target: str) -> list[dic
             row["composition %"] = {k: round(v, 1) for k, v in shares.items()}
         evaluation = L.evaluation(target, method)
         if evaluation.is_file():
-            metrics = json.loads(evaluation.read_text())["metrics"]
+            metrics = EvaluationResult.read_json(evaluation).metrics
             row.update({k: metrics[k] for k in METRICS if k in metrics})
             ci = metrics.get("win_rate_ci") or []
             if len(ci) == 2 and None not in ci:
@@ -49,12 +49,12 @@ def _winners(sections: dict[str, list[dict]]) -> list[dict]:
     out = []
     for target, rows in sections.items():
         base = next((r for r in rows if r["method"] == BASE), {})
-        for metric, higher in HIGHER_IS_BETTER.items():
+        for metric in RANKED:
             scored = [(r[metric], r["method"]) for r in rows
                       if r["method"] != BASE and isinstance(r.get(metric), (int, float)) and not math.isnan(r[metric])]
             if not scored:
                 continue
-            value, method = max(scored) if higher else min(scored)
+            value, method = max(scored)
             ties = sorted(m for v, m in scored if v == value)
             out.append({"target": target, "metric": metric, "best": ", ".join(ties), "value": value,
                         "base": base.get(metric)})

@@ -9,14 +9,16 @@ seconds.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-from rose_pl.config import RunArgs
+from dataclasses import replace
+
+from rose_pl.config import PreferenceArgs, RunArgs
 from rose_pl.errors import ConfigError, RoseError
+from rose_pl.hub import check_model_source
 
 log = logging.getLogger(__name__)
 
@@ -32,28 +34,6 @@ def _collect(problems: list[str], what: str, check: Callable[[], object]) -> Non
         problems += [f"{what}: {m}" for m in _messages(e)]
 
 
-def check_model(name: str) -> None:
-    """The model can be found: the embedded package installed, a local folder with config.json, or a hub id
-    (which, offline, must be in the local Hugging Face cache)."""
-    from rose_pl.hub import _EMBEDDED, _embedded_gguf
-
-    if name in _EMBEDDED or name.startswith("embedded:"):
-        if name not in _EMBEDDED:
-            raise ConfigError(f"unknown embedded model {name!r}; known: {sorted(_EMBEDDED)}")
-        _embedded_gguf(name)
-        return
-    path = Path(name)
-    if path.exists() or name.startswith((".", "/", "~")):
-        if not (path.expanduser() / "config.json").is_file():
-            raise ConfigError(f"{name} is not a model folder (no config.json)")
-        return
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-            raise ConfigError(f"{name!r} is not in the local Hugging Face cache and the hub is off (HF_HUB_OFFLINE=1)")
-
-
 def check_writable(folder: str) -> None:
     path = Path(folder)
     try:
@@ -64,24 +44,26 @@ def check_writable(folder: str) -> None:
         raise ConfigError(f"{folder} cannot be written ({e.strerror or e})") from None
 
 
-def preference_test_tasks(path: str, shots_per_task):
-    """shots_per_task for reading a preference test file: the target's, or one task for a ROSE JSON object
-    (a test set's tasks do not change its metrics)."""
+def test_set_reading(path: str, preference: PreferenceArgs) -> tuple:
+    """(shots_per_task, preference settings) to read a preference test file with: one task for a ROSE JSON object
+    (a test set's tasks do not change its metrics), and all_pairs only where the file's form has pairs to expand."""
     from rose_pl.data.formats import is_rose_object
 
-    if not is_rose_object(path):
-        return None
-    return shots_per_task if shots_per_task is not None else "all"
+    if is_rose_object(path):
+        return "all", preference
+    return None, replace(preference, all_pairs=False) if preference.all_pairs else preference
 
 
-def check_run_inputs(args: RunArgs) -> None:
+def check_run_inputs(args: RunArgs) -> list:
     """Read and validate the pool, every target's validation and test file, the model and the output folder;
-    raise one ConfigError listing every problem."""
+    raise one ConfigError listing every problem. Returns the pool's rows."""
     from rose_pl.data.formats import kind_of_test_set, read_golden_answers, read_instructions, read_preferences
+    from rose_pl.evaluation.evaluate import check_evaluation
 
     start = time.perf_counter()
     problems: list[str] = []
-    _collect(problems, "pool", lambda: read_instructions(args.pool, args.data.duplicate_ids))
+    pool: list = []
+    _collect(problems, "pool", lambda: pool.extend(read_instructions(args.pool, args.data.duplicate_ids)))
     for name, target in args.all_targets().items():
         pref = args.preference_of(target)
         _collect(problems, f"targets.{name}.validation", lambda t=target, p=pref: read_preferences(
@@ -89,19 +71,20 @@ def check_run_inputs(args: RunArgs) -> None:
         if target.test is None:
             continue
 
-        def test(t=target, p=pref, name=name):
-            if kind_of_test_set(t.test) == "golden":
+        def test(t=target, p=pref):
+            kind = kind_of_test_set(t.test)
+            e = args.evaluation
+            check_evaluation(kind, t.test, e.judge, e.prompt_format, e.batch_size, args.data.max_seq_length)
+            if kind == "golden":
                 read_golden_answers(t.test)
-                if args.evaluation.judge is None:
-                    raise ConfigError(f"{t.test} holds prompts with golden answers: evaluating them needs a judge "
-                                      "(set evaluation.judge: {base_url: ..., model: ...}) or no test set")
             else:
-                read_preferences(t.test, preference_test_tasks(t.test, t.shots_per_task), p.all_pairs,
-                                 on_invalid_pair=p.on_invalid_pair)
+                shots, p = test_set_reading(t.test, p)
+                read_preferences(t.test, shots, p.all_pairs, on_invalid_pair=p.on_invalid_pair)
 
         _collect(problems, f"targets.{name}.test", test)
-    _collect(problems, "model", lambda: check_model(args.model))
+    _collect(problems, "model", lambda: check_model_source(args.model))
     _collect(problems, "output_dir", lambda: check_writable(args.output_dir))
     if problems:
         raise ConfigError(problems)
     log.info("inputs checked in %.1f s", time.perf_counter() - start)
+    return pool

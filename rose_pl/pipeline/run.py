@@ -28,13 +28,19 @@ from rose_pl.selection.methods import FeatureSpec, GradientMethod, ScoringContex
 log = logging.getLogger(__name__)
 
 PROGRESS_CALLBACK = {"class_path": "rose_pl.progress.ProgressCallback"}
+SHARDING = ("fsdp", "deepspeed")
+"""Strategies that shard parameters: used for training stages; gradient and evaluation passes use ddp instead."""
 
 
 class Pipeline:
     """The stage graph of one run, built from its arguments."""
 
-    def __init__(self, args: RunArgs):
+    def __init__(self, args: RunArgs, pool=None):
+        """`pool`: the pool's rows if they were read already (by the input checks)."""
         self.a = args
+        self._validation: dict[str, list] = {}
+        if pool is not None:
+            self.__dict__["pool"] = pool  # what the cached_property would read
         self.layout = RunLayout(args.output_dir)
         self.targets: dict[str, TargetArgs] = args.all_targets()
         self.methods: dict[str, SelectionMethod] = {}
@@ -42,6 +48,10 @@ class Pipeline:
             method = get_method(name)
             self.methods[method.name] = method
         self.finetune_methods = [get_method(m).name for m in args.finetune_methods()]
+        sides = [m.side for m in self.gradient_methods()]
+        if len(set(sides)) != len(sides):
+            raise ConfigError(f"methods: gradient methods {[m.name for m in self.gradient_methods()]} share a "
+                              f"validation side name ({sides}); give each GradientMethod its own side")
         self.epochs = list(range(1, args.warmup.epochs + 1))
         self.scoring = self._scoring_mode()
 
@@ -66,10 +76,14 @@ class Pipeline:
         return read_instructions(self.a.pool, self.a.data.duplicate_ids)
 
     def validation(self, target: str):
+        """The target's validation pairs as read (once per run)."""
         from rose_pl.data.formats import read_preferences
 
-        t, pref = self.targets[target], self.a.preference_of(self.targets[target])
-        return read_preferences(t.validation, t.shots_per_task, pref.all_pairs, on_invalid_pair=pref.on_invalid_pair)
+        if target not in self._validation:
+            t, pref = self.targets[target], self.a.preference_of(self.targets[target])
+            self._validation[target] = read_preferences(t.validation, t.shots_per_task, pref.all_pairs,
+                                                        on_invalid_pair=pref.on_invalid_pair)
+        return self._validation[target]
 
     def gradient_methods(self) -> list[GradientMethod]:
         return [m for m in self.methods.values() if isinstance(m, GradientMethod)]
@@ -84,17 +98,23 @@ class Pipeline:
             sides[name] = []
             for spec in method.feature_specs(self.a.features):
                 table = pool if spec.data == "pool" else val
-                if spec.side in table and table[spec.side] != spec:
-                    raise ConfigError(f"methods: two methods define the {spec.data} features {spec.side!r} differently")
-                table[spec.side] = spec
+                if spec.side in table and table[spec.side][0] != spec:
+                    raise ConfigError(f"methods: {table[spec.side][1]!r} and {name!r} define the {spec.data} features "
+                                      f"{spec.side!r} differently; give one of them another side name")
+                table[spec.side] = (spec, name)
                 sides[name].append(spec.side)
-        return pool, val, sides
+        return {k: v[0] for k, v in pool.items()}, {k: v[0] for k, v in val.items()}, sides
 
     # ---- Lightning stage configurations ------------------------------------------------------------
-    def _trainer(self, stage_dir: Path, **extra) -> dict:
+    def _trainer(self, stage_dir: Path, predict: bool = False, single: bool = False, **extra) -> dict:
         t = self.a.trainer
+        strategy, devices, nodes = t.strategy, t.devices, t.num_nodes
+        if predict and str(strategy).split("_")[0] in SHARDING:
+            strategy = "ddp"  # gradient passes need the whole model on every rank; training may shard
+        if single:  # a few validation rows: one device (Lightning needs a row per rank)
+            strategy, devices, nodes = "auto", 1, 1
         cfg = {
-            "accelerator": t.accelerator, "devices": t.devices, "strategy": t.strategy, "num_nodes": t.num_nodes,
+            "accelerator": t.accelerator, "devices": devices, "strategy": strategy, "num_nodes": nodes,
             "precision": t.precision, "default_root_dir": str(stage_dir), "enable_model_summary": False,
             "enable_progress_bar": False,
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -103,11 +123,6 @@ class Pipeline:
         cfg.update(extra)
         cfg["callbacks"] = [*cfg.get("callbacks", []), PROGRESS_CALLBACK]
         return cfg
-
-    def _data_settings(self) -> dict:
-        d = self.a.data
-        return {"max_seq_length": d.max_seq_length, "chat_template": d.chat_template,
-                "prompt_truncation": d.prompt_truncation, "on_empty": d.on_empty, "duplicate_ids": d.duplicate_ids}
 
     def fit_config(self, out: Path, train_file: str, args: FitArgs, subset_fraction: float | None,
                    save_optimizer: bool) -> dict:
@@ -128,14 +143,18 @@ class Pipeline:
             "data": {"class_path": "rose_pl.data.datamodule.SFTDataModule",
                      "init_args": {"train_file": train_file, "tokenizer": self.a.model, "batch_size": args.batch_size,
                                    "subset_fraction": subset_fraction, "subset_seed": args.seed,
-                                   "shuffle_seed": args.seed, **self._data_settings()}},
+                                   "shuffle_seed": args.seed, **asdict(self.a.data)}},
         }
 
-    def predict_config(self, module: dict, checkpoint: Path, data: dict, callbacks: list[dict]) -> dict:
+    def predict_config(self, name: str, module: dict, checkpoint: Path, data: dict, callbacks: list[dict],
+                       single: bool = False) -> dict:
         module = {"class_path": module["class_path"],
                   "init_args": {**module.get("init_args", {}), "checkpoint": str(checkpoint), "model": self.a.model}}
+        # Lightning writes its config.yaml into default_root_dir: the stage's own folder under logs/.
+        root = self.layout.stage_log(name).with_suffix("")
         return {
-            "trainer": self._trainer(Path(self.a.output_dir), inference_mode=False, callbacks=callbacks, logger=False),
+            "trainer": self._trainer(root, predict=True, single=single, inference_mode=False, callbacks=callbacks,
+                                     logger=False),
             "model": module,
             "data": {"class_path": "rose_pl.data.datamodule.FeatureDataModule", "init_args": data},
             "return_predictions": False,
@@ -144,7 +163,7 @@ class Pipeline:
     def _data(self, spec_kind: str, target: str | None) -> dict:
         """FeatureDataModule arguments for the pool (target None) or a target's validation set."""
         out = {"tokenizer": self.a.model, "kind": spec_kind, "batch_size": self.a.features.batch_size,
-               **self._data_settings()}
+               **asdict(self.a.data)}
         if target is None:
             return {"data_file": self.a.pool, **out}
         t, pref = self.targets[target], self.a.preference_of(self.targets[target])
@@ -168,9 +187,11 @@ class Pipeline:
     # ---- stage builders ----------------------------------------------------------------------------
     def _lightning_stage(self, name: str, command: str, config: dict, data_file: str, outputs: list[Path],
                          depends: list[str], resume: Path | None = None, report=None) -> Stage:
+        single = config["trainer"]["devices"] == 1 and config["trainer"]["num_nodes"] == 1
+
         def action():
             run_lightning(command, config, self.layout.stage_config(name),
-                          subprocess_run=self.a.trainer.multi_process(), resume=resume)
+                          subprocess_run=self.a.trainer.multi_process() and not single, resume=resume)
 
         return Stage(name, {"yaml": self._portable(config), "data": self.digests[data_file]}, action, depends=depends,
                      outputs=[self.layout.relative(o) for o in outputs], report=report)
@@ -197,7 +218,8 @@ class Pipeline:
             name += f"/epoch-{epoch}" if epoch else ""
             ckpt = self.layout.checkpoint(epoch or self.epochs[-1])
             data = self._data(spec.kind, target)
-            config = self.predict_config(spec.module, ckpt, data, self._store_callbacks(spec, out))
+            config = self.predict_config(name, spec.module, ckpt, data, self._store_callbacks(spec, out),
+                                         single=target is not None)
             stages.append(self._lightning_stage(name, "predict", config, data["data_file"], [out], ["warmup"],
                                                 report=lambda out=out: _store_figures(out)))
         return stages
@@ -205,11 +227,13 @@ class Pipeline:
     def _means_stage(self, target: str, method: GradientMethod, epoch: int) -> Stage:
         out = self.layout.means(target, method.side, epoch)
         data = self._data(method.kind, target)
-        callbacks = [{"class_path": "rose_pl.features.exact.TaskMeanWriter", "init_args": {"output_dir": str(out)}}]
-        config = self.predict_config(method.validation_module(self.a.features), self.layout.checkpoint(epoch), data,
-                                     callbacks)
-        return self._lightning_stage(f"targets/{target}/means/{method.side}/epoch-{epoch}", "predict", config,
-                                     data["data_file"], [out], ["warmup"], report=lambda: _means_figures(out))
+        name = f"targets/{target}/means/{method.side}/epoch-{epoch}"
+        callbacks = [{"class_path": "rose_pl.features.exact.TaskMeanWriter",
+                      "init_args": {"output_dir": str(out), "side": method.side}}]
+        config = self.predict_config(name, method.validation_module(self.a.features), self.layout.checkpoint(epoch),
+                                     data, callbacks, single=True)
+        return self._lightning_stage(name, "predict", config, data["data_file"], [out], ["warmup"],
+                                     report=lambda: _means_figures(out))
 
     def _exact_stages(self, targets: list[str], means: dict[str, dict[int, list[str]]]) -> list[Stage]:
         """One stage per (target, checkpoint); the due ones of a checkpoint run as one pass over the pool."""
@@ -225,15 +249,16 @@ class Pipeline:
                            for t in names]
                 callbacks = [{"class_path": "rose_pl.features.exact.ExactScoreWriter",
                               "init_args": {"targets": entries, "means_dtype": self.a.features.means_dtype}}]
-                config = self.predict_config(train.module, self.layout.checkpoint(epoch), self._data("sft", None),
+                name = f"exact/{'+'.join(names)}/epoch-{epoch}"
+                config = self.predict_config(name, train.module, self.layout.checkpoint(epoch), self._data("sft", None),
                                              callbacks)
-                label = "+".join(names)
-                run_lightning("predict", config, self.layout.stage_config(f"exact/{label}/epoch-{epoch}"),
+                run_lightning("predict", config, self.layout.stage_config(name),
                               subprocess_run=self.a.trainer.multi_process())
 
             for t in targets:
                 out = self.layout.exact(t, epoch)
-                probe = self.predict_config(train.module, self.layout.checkpoint(epoch), self._data("sft", None), [])
+                probe = self.predict_config(f"exact/{t}", train.module, self.layout.checkpoint(epoch),
+                                            self._data("sft", None), [])
                 config = {"target": t, "pool": self.digests[self.a.pool], "module": self._portable(probe["model"]),
                           "data": probe["data"], "means_dtype": self.a.features.means_dtype}
                 stages.append(Stage(f"targets/{t}/exact/epoch-{epoch}", config, depends=["warmup", *means[t][epoch]],
@@ -299,8 +324,8 @@ class Pipeline:
             if target.test:
                 for name in [BASE, *self.finetune_methods]:
                     config = {"eval": asdict(a.evaluation), "test": self.digests[target.test], "model": a.model,
-                              "data": asdict(a.data), "preference": asdict(a.preference_of(target)),
-                              "shots": target.shots_per_task}
+                              "dtype": a.finetune.dtype, "data": asdict(a.data),
+                              "preference": asdict(a.preference_of(target)), "shots": target.shots_per_task}
                     out = L.evaluation(t, name)
                     stages.append(Stage(f"targets/{t}/evaluation/{name}", config,
                                         lambda t=t, name=name: self.evaluate(t, name),
@@ -342,7 +367,7 @@ class Pipeline:
                     [e.dataset for e in self.pool], meta={"method": method, "target": target, "pool": self.a.pool})
         dropped = result.info.get("dropped_train_rows", [])
         select_and_write(self.layout.selection(target, method), result, self.pool, source=self.a.pool,
-                         fraction=sel.fraction, k=sel.k, seed=sel.seed,
+                         fraction=None if sel.k else sel.fraction, k=sel.k, seed=sel.seed,
                          title=f"{method.upper()} selection for target {target}",
                          extra={"method": method, "target": target, "validation": self.targets[target].validation,
                                 "scoring": self.scoring if isinstance(self.methods[method], GradientMethod) else "-",
@@ -350,18 +375,18 @@ class Pipeline:
 
     def evaluate(self, target: str, method: str) -> None:
         from rose_pl.evaluation.evaluate import evaluate_model
-        from rose_pl.pipeline.inputs import preference_test_tasks
+        from rose_pl.pipeline.inputs import test_set_reading
         from rose_pl.training.checkpoints import Manifest
 
         adapter = None
         if method != BASE:
             adapter = str(Manifest.load(self.layout.finetune_checkpoints(target, method)).checkpoints[-1].adapter_dir)
         t, e = self.targets[target], self.a.evaluation
+        shots, pref = test_set_reading(t.test, self.a.preference_of(t))
         evaluate_model(self.a.model, adapter, t.test, str(self.layout.evaluation(target, method)), label=method,
                        beta=e.beta, batch_size=e.batch_size, max_seq_length=self.a.data.max_seq_length,
-                       chat_template=self.a.data.chat_template, preference=self.a.preference_of(t),
-                       shots_per_task=preference_test_tasks(t.test, t.shots_per_task), prompt_format=e.prompt_format,
-                       judge=e.judge,
+                       chat_template=self.a.data.chat_template, preference=pref, shots_per_task=shots,
+                       prompt_format=e.prompt_format, judge=e.judge,
                        judgements=str(self.layout.judgements(target, method)), dtype=self.a.finetune.dtype)
 
     def compare(self) -> None:
@@ -370,15 +395,14 @@ class Pipeline:
         write_comparison(self.a, list(self.methods), self.scoring)
 
     def run(self) -> dict[str, str]:
-        manifest = RunManifest(self.layout.root) if self.layout.manifest.is_file() else None
-        if manifest is None:
-            self.layout.root.mkdir(parents=True, exist_ok=True)
-            manifest = RunManifest(self.layout.root)
-        manifest.set("scoring", self.scoring)
-        manifest.set("targets", {n: asdict(t) for n, t in self.targets.items()})
         from rose_pl.console import stage_log
 
-        return run_stages(self.layout.root, self.stages(), on_change=self.a.on_change,
+        def record(manifest: RunManifest) -> None:
+            # Only once the configuration is accepted: a refused change must not change the recorded mode.
+            manifest.set("scoring", self.scoring)
+            manifest.set("targets", {n: asdict(t) for n, t in self.targets.items()})
+
+        return run_stages(self.layout.root, self.stages(), on_change=self.a.on_change, before=record,
                           context=lambda stage: stage_log(self.layout.stage_log(stage.name)))
 
 
@@ -416,7 +440,9 @@ def _selection_figures(folder: Path) -> dict:
 
 
 def _evaluation_figures(path: Path) -> dict:
-    metrics = json.loads(path.read_text())["metrics"]
+    from rose_pl.evaluation.metrics import EvaluationResult
+
+    metrics = EvaluationResult.read_json(path).metrics
     keys = ("pref_accuracy", "reward_accuracy", "win_rate", "num_pairs", "n")
     return {k: metrics[k] for k in keys if k in metrics}
 
@@ -428,8 +454,8 @@ def run(args: RunArgs) -> dict[str, str]:
     problems = args.validate()
     if problems:
         raise ConfigError(problems)
-    check_run_inputs(args)
-    pipeline = Pipeline(args)
+    pool = check_run_inputs(args)
+    pipeline = Pipeline(args, pool=pool)
     done = pipeline.run()
     log.info("run complete: %d stages ran, %d skipped", sum(v == "ran" for v in done.values()),
              sum(v == "skipped" for v in done.values()))

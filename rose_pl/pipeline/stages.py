@@ -116,10 +116,12 @@ def _clean(root: Path, manifest: RunManifest, stage: Stage) -> None:
 
 
 def run_stages(root: str | Path, stages: list[Stage], on_change: OnChange = "error",
-               context: Callable[[Stage], ContextManager] | None = None) -> dict[str, str]:
+               context: Callable[[Stage], ContextManager] | None = None,
+               before: Callable[[RunManifest], None] | None = None) -> dict[str, str]:
     """Run `stages` (in the given, topological, order); return {stage: 'skipped'|'ran'}.
 
-    `context(stage)` wraps every stage that runs (e.g. a log file of its own).
+    `context(stage)` wraps every stage that runs (e.g. a log file of its own); `before(manifest)` is called once
+    the configuration is accepted (nothing stale, or stale stages to redo), before the first stage.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -133,6 +135,8 @@ def run_stages(root: str | Path, stages: list[Stage], on_change: OnChange = "err
             f"{manifest.file}: the configuration changed for stages {stale} (or for what they depend on); "
             "their outputs are stale. Use a new output_dir, or rerun with `--on_change redo` to redo them."
         )
+    if before is not None:
+        before(manifest)
 
     done: dict[str, str] = {}
     for stage in stages:

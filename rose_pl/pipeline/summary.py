@@ -10,6 +10,7 @@ import sys
 from rose_pl.config import RunArgs
 from rose_pl.layout import COMPARE_MD, RunLayout
 from rose_pl.pipeline.stages import RunManifest
+from rose_pl.selection.report import REPORT_FILE
 
 
 def _duration(seconds: float | None) -> str:
@@ -41,9 +42,9 @@ def collect(args: RunArgs, done: dict[str, str]) -> dict:
         parts = name.split("/")
         if len(parts) == 4 and parts[0] == "targets" and parts[2] == "selection":
             figures = (manifest.entry(name) or {}).get("figures") or {}
-            folder = layout.selection(parts[1], parts[3])
-            selections.append({"target": parts[1], "method": parts[3], "file": str(folder / "selected.jsonl"),
-                               "report": str(folder / "report.md"), "selected": figures.get("selected")})
+            selections.append({"target": parts[1], "method": parts[3], "file": str(layout.selected(parts[1], parts[3])),
+                               "report": str(layout.selection(parts[1], parts[3]) / REPORT_FILE),
+                               "selected": figures.get("selected")})
     return {"output_dir": str(layout.root), "scoring": manifest.data.get("scoring"), "stages": stages,
             "selections": selections, "comparison": str(layout.compare_md) if layout.compare_md.is_file() else None,
             "wall_seconds": sum(s["seconds"] or 0 for s in stages if s["status"] == "ran")}

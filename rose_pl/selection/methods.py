@@ -85,11 +85,15 @@ class SelectionMethod:
     """A named way of scoring the pool for a target."""
 
     name: str
-    score: Callable[[ScoringContext], InfluenceResult]
+    score: Callable[[ScoringContext], InfluenceResult] | None = None
     """(context) -> scores of every pool row (N,), per task (N, T), best task (N,)."""
     features: Sequence[FeatureSpec] | Callable[[FeatureArgs], Sequence[FeatureSpec]] = ()
     """The feature stages it needs, or a function of the run's feature settings returning them."""
     description: str = ""
+
+    def __post_init__(self):
+        if self.score is None:
+            raise ConfigError(f"selection method {self.name!r}: give its score function")
 
     def feature_specs(self, args: FeatureArgs) -> list[FeatureSpec]:
         return list(self.features(args) if callable(self.features) else self.features)
@@ -124,6 +128,8 @@ class GradientMethod(SelectionMethod):
     def __post_init__(self):
         if not self.side:
             raise ConfigError(f"GradientMethod {self.name!r}: side must name the validation side")
+        if self.score is None:  # Eq. 7 against this side, exact or projected
+            object.__setattr__(self, "score", gradient_scores(self.side))
 
     def objective_config(self, args: FeatureArgs) -> dict:
         return self.objective(args) if callable(self.objective) else self.objective
@@ -202,10 +208,10 @@ def _random(ctx: ScoringContext) -> InfluenceResult:
 
 
 register_method(GradientMethod(
-    "rose", gradient_scores("val_dpo"), side="val_dpo", kind="preference", objective=_dpo,
+    "rose", side="val_dpo", kind="preference", objective=_dpo,
     description="ROSE: DPO-loss gradients of the validation pairs (policy = warmup model, reference = base model)"))
 register_method(GradientMethod(
-    "less", gradient_scores("val_sft"), side="val_sft", kind="preference_sft",
+    "less", side="val_sft", kind="preference_sft",
     objective=class_config("rose_pl.features.objectives.SFTObjective"),
     description="LESS: SFT-loss gradients of the validation prompts with their chosen answers"))
 register_method(SelectionMethod(

@@ -17,8 +17,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rose_pl.files import atomic_write_text
 from rose_pl.errors import ConfigError
+from rose_pl.files import atomic_write_text
+from rose_pl.layout import SELECTED_FILE
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def budget(num_rows: int, *, fraction: float | None = DEFAULT_FRACTION, k: int |
     """
     problems = []
     if k is not None and fraction is not None and fraction != DEFAULT_FRACTION:
-        problems.append(f"give fraction or k, not both (fraction={fraction}, k={k})")
+        problems.append(f"give fraction or k, not both (fraction={fraction}, k={k}): set fraction to null to keep k rows")
     if k is None and fraction is None:
         problems.append("give fraction or k")
     if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_rows):
@@ -145,7 +146,7 @@ def read_selection(path: str | os.PathLike) -> dict[str, Any]:
 
 def select_and_write(out: str | os.PathLike, result, pool, *, source: str, fraction: float | None, k: int | None,
                      seed: int, title: str, extra: dict | None = None, report: bool = True,
-                     jsonl_name: str = "selected.jsonl") -> dict:
+                     jsonl_name: str = SELECTED_FILE) -> dict:
     """Select the top of `pool` (InstructionExamples) by `result.scores`; write the selected rows (the pool's
     own JSON) and their sidecar into folder `out`, and unless `report` is False, report.md with plots.
     Returns a summary: how many rows, the composition by source dataset, the file."""
@@ -157,7 +158,8 @@ def select_and_write(out: str | os.PathLike, result, pool, *, source: str, fract
     chosen = select(result.scores, fraction=fraction, k=k, seed=seed)
     unusable = int(np.count_nonzero(np.isneginf(np.asarray(result.scores)[chosen])))
     if unusable:
-        raise ConfigError(f"{title}: the budget reaches {unusable} rows without scores (dropped); lower the budget")
+        raise ConfigError(f"{title}: the budget reaches {unusable} rows without scores (dropped when their features "
+                          "were computed); lower it (selection.fraction or selection.k, or the target's)")
     path = write_selection([e.raw for e in pool], chosen, out / jsonl_name, scores=result.scores, ids=ids,
                            datasets=datasets, fraction=fraction, k=k, seed=seed, source=source)
     if report:
