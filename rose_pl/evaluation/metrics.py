@@ -137,6 +137,17 @@ def _model_device(model: torch.nn.Module, device: str | torch.device | None) -> 
     return param.device if param is not None else torch.device("cpu")
 
 
+def _progress(dataloader: Iterable[dict], desc: str, unit: str):
+    """The batches of `dataloader`, counted as rows with rows/s and ETA (a bar on a terminal, lines otherwise)."""
+    from rose_pl.progress import Progress
+
+    dataset = getattr(dataloader, "dataset", None)
+    with Progress(len(dataset) if dataset is not None else None, desc, unit=unit) as progress:
+        for batch in dataloader:
+            yield batch
+            progress.update(int(batch["index"].numel()) if "index" in batch else 1)
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -172,7 +183,7 @@ def evaluate_preferences(
     was_training = model.training
     model.eval()
     try:
-        for batch in dataloader:
+        for batch in _progress(dataloader, "evaluate pairs", "pairs"):
             batch = _to(batch, device)
 
             def score(side: str) -> torch.Tensor:
@@ -227,7 +238,7 @@ def evaluate_sft_loss(
     was_training = model.training
     model.eval()
     try:
-        for batch in dataloader:
+        for batch in _progress(dataloader, "evaluate SFT loss", "rows"):
             batch = _to(batch, device)
             nll = -logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).double()
             counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).double()  # the one-token shift

@@ -25,8 +25,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from rose_pl.files import atomic_write
 from rose_pl.errors import ConfigError, DataFormatError, StoreMismatchError
+from rose_pl.files import atomic_write
+from rose_pl.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -212,13 +213,14 @@ def influence_scores(
     )
     t0 = time.perf_counter()
     buffer = torch.empty((min(block_size, n), d), dtype=torch.float32, device=dev)
-    with torch.no_grad():
+    with torch.no_grad(), Progress(n, "score", every_seconds=30) as progress:
         for start in range(0, n, block_size):
             stop = min(start + block_size, n)
             acc = torch.zeros((stop - start, len(tasks)), dtype=torch.float32, device=dev)
             for mat, dirs in zip(train, task_dirs):
                 acc.addmm_(_load_rows(mat, start, stop, buffer), dirs.T)
             per_task[start:stop] = acc.cpu().numpy()
+            progress.update(stop - start)
     elapsed = time.perf_counter() - t0
     log.info("influence: scored %d rows in %.1f s (%.0f rows/s)", n, elapsed, n / max(elapsed, 1e-9))
 
@@ -381,13 +383,9 @@ def exact_scores(store_dirs: Sequence[str | os.PathLike], side: str, weights: Se
     eta = normalize_weights(weights)
     n = stores[0].num_rows
     per_task = np.zeros((n, len(tasks)), dtype=np.float64)
-    for w, store in zip(eta, stores):
-        mat = store.features()
-        for start in range(0, n, block_size):
-            block = np.asarray(mat[start:start + block_size], dtype=np.float64)
-            length = np.sqrt(block[:, norm])
-            per_task[start:start + block.shape[0]] += w * np.divide(
-                block[:, picked], length[:, None], out=np.zeros((block.shape[0], len(picked))), where=length[:, None] > 0)
+    with Progress(n * len(stores), "score", every_seconds=30) as progress:
+        for w, store in zip(eta, stores):
+            _add_exact(per_task, store.features(), w, picked, norm, block_size, progress)
     per_task = per_task.astype(np.float32)
     dropped = np.unique(np.concatenate([s.excluded_indices() for s in stores]))
     if dropped.size:
@@ -397,6 +395,17 @@ def exact_scores(store_dirs: Sequence[str | os.PathLike], side: str, weights: Se
     info = {"scoring": "exact", "side": side, "raw_weights": [float(x) for x in weights],
             "stores": [str(s.path) for s in stores], "dropped_train_rows": dropped.tolist()}
     return _finish(per_task, tasks, eta, info)
+
+
+def _add_exact(per_task: np.ndarray, mat, weight: float, picked: list[int], norm: int, block_size: int,
+               progress) -> None:
+    """per_task += weight * inner / sqrt(norm2), block by block (a zero gradient adds 0)."""
+    for start in range(0, mat.shape[0], block_size):
+        block = np.asarray(mat[start:start + block_size], dtype=np.float64)
+        length = np.sqrt(block[:, norm])
+        per_task[start:start + block.shape[0]] += weight * np.divide(
+            block[:, picked], length[:, None], out=np.zeros((block.shape[0], len(picked))), where=length[:, None] > 0)
+        progress.update(block.shape[0])
 
 
 @dataclass
