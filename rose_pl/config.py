@@ -90,7 +90,8 @@ def _prefixed(prefix: str, problems: list[str]) -> list[str]:
     return [f"{prefix}.{p}" for p in problems]
 
 
-def _positive_int(name: str, value) -> list[str]:
+def positive_int(name: str, value) -> list[str]:
+    """[the problem] when `value` is not a positive integer (bools are not integers here), else []."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         return [f"{name}: {value!r} is not a positive integer"]
     return []
@@ -155,8 +156,8 @@ class FitArgs:
     optim: OptimArgs = field(default_factory=OptimArgs)
 
     def validate(self) -> list[str]:
-        problems = _positive_int("epochs", self.epochs) + _positive_int("batch_size", self.batch_size)
-        problems += _positive_int("accumulate_grad_batches", self.accumulate_grad_batches) + _dtype("dtype", self.dtype)
+        problems = positive_int("epochs", self.epochs) + positive_int("batch_size", self.batch_size)
+        problems += positive_int("accumulate_grad_batches", self.accumulate_grad_batches) + _dtype("dtype", self.dtype)
         return problems + self.lora.validate() + self.optim.validate()
 
 
@@ -194,7 +195,7 @@ class DataArgs:
     """Rows that repeat an id: error, or rename the repeats to id#2, id#3... (logged)."""
 
     def validate(self) -> list[str]:
-        return _positive_int("max_seq_length", self.max_seq_length) + _registered(
+        return positive_int("max_seq_length", self.max_seq_length) + _registered(
             CHAT_TEMPLATES, "chat_template", self.chat_template)
 
 
@@ -215,7 +216,7 @@ class PreferenceArgs:
     """ROSE JSON: one pair per [winner, loser] index pair instead of sft_target / rejected_target."""
 
     def validate(self, max_seq_length: int) -> list[str]:
-        problems = _positive_int("max_prompt_length", self.max_prompt_length)
+        problems = positive_int("max_prompt_length", self.max_prompt_length)
         if not problems and self.format == "rose" and self.max_prompt_length >= max_seq_length:
             problems.append(f"max_prompt_length ({self.max_prompt_length}) must be below data.max_seq_length "
                             f"({max_seq_length})")
@@ -253,10 +254,10 @@ class FeatureArgs:
 
     def validate(self) -> list[str]:
         problems = _registered(PROJECTORS, "projector", self.projector)
-        problems += _positive_int("dim", self.dim) + _positive_int("batch_size", self.batch_size)
+        problems += positive_int("dim", self.dim) + positive_int("batch_size", self.batch_size)
         problems += _dtype("dtype", self.dtype) + _dtype("compute_dtype", self.compute_dtype, allow_none=True)
         if self.max_tokens_per_pass is not None:
-            problems += _positive_int("max_tokens_per_pass", self.max_tokens_per_pass)
+            problems += positive_int("max_tokens_per_pass", self.max_tokens_per_pass)
         if not self.beta > 0:
             problems.append(f"beta must be positive, got {self.beta}")
         return problems
@@ -278,7 +279,7 @@ class SelectionArgs:
         if self.k is None and (self.fraction is None or not 0 < self.fraction <= 1):
             problems.append(f"fraction must be in (0, 1] (or set k), got {self.fraction}")
         if self.k is not None:
-            problems += _positive_int("k", self.k)
+            problems += positive_int("k", self.k)
         return problems
 
 
@@ -323,12 +324,13 @@ class JudgeArgs:
         if not self.model:
             problems.append("model must name the judge model at the endpoint")
         for name in ("max_new_tokens", "max_tokens", "concurrency"):
-            problems += _positive_int(name, getattr(self, name))
+            problems += positive_int(name, getattr(self, name))
         if self.max_prompts is not None:
-            problems += _positive_int("max_prompts", self.max_prompts)
+            problems += positive_int("max_prompts", self.max_prompts)
         if not self.timeout > 0 or self.max_retries < 0:
             problems.append(f"timeout must be positive and max_retries >= 0, got {self.timeout}, {self.max_retries}")
-        if isinstance(self.max_new_tokens, int) and self.max_new_tokens >= max_seq_length:
+        if isinstance(self.max_new_tokens, int) and isinstance(max_seq_length, int) \
+                and self.max_new_tokens >= max_seq_length:
             problems.append(f"max_new_tokens ({self.max_new_tokens}) must be below data.max_seq_length "
                             f"({max_seq_length}): the prompt needs room before the answer")
         return problems
@@ -454,7 +456,7 @@ class RunArgs:
         problems += _prefixed("finetune", self.finetune.validate())
         problems += _prefixed("features", self.features.validate())
         problems += _prefixed("selection", self.selection.validate())
-        problems += _positive_int("evaluation.batch_size", self.evaluation.batch_size)
+        problems += positive_int("evaluation.batch_size", self.evaluation.batch_size)
         if self.evaluation.judge is not None:
             problems += _prefixed("evaluation.judge", self.evaluation.judge.validate(self.data.max_seq_length))
         if self.trainer.num_nodes != 1:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from rose_pl.config import positive_int
 from rose_pl.data.collate import PreferenceCollator, SFTCollator
 from rose_pl.data.encoding import EmptyLossError, Encoder, PreferenceFormat, PromptTruncation, check_settings
 from rose_pl.data.formats import (
@@ -74,8 +75,7 @@ def _common_problems(*, batch_size, num_workers, on_empty, duplicate_ids, max_se
                      preference_format=None, max_prompt_length=256) -> list[str]:
     """Problems with the arguments both DataModules take (reported together with the caller's own)."""
     problems = check_settings(max_seq_length, prompt_truncation, preference_format, max_prompt_length)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        problems.append(f"batch_size: {batch_size!r} is not a positive integer")
+    problems += positive_int("batch_size", batch_size)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         problems.append(f"num_workers: {num_workers!r} is not a non-negative integer")
     for name, value, allowed in (("on_empty", on_empty, ("error", "drop")),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Literal, Sequence
 
+from rose_pl.config import positive_int
 from rose_pl.data.formats import PreferenceExample
 from rose_pl.data.templates import EOS, ChatTemplate, Piece, get_template
 from rose_pl.errors import ConfigError, RoseError
@@ -50,16 +51,15 @@ def _adds_bos(tokenizer) -> bool:
 def check_settings(max_seq_length, prompt_truncation, preference_format, max_prompt_length) -> list[str]:
     """Problems with encoding settings (empty if none), phrased by argument name; `preference_format` None
     means the settings encode no preference pairs."""
-    problems = []
-    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 1:
-        problems.append(f"max_seq_length: {max_seq_length!r} is not a positive integer")
+    problems = positive_int("max_seq_length", max_seq_length)
     if prompt_truncation not in PROMPT_TRUNCATIONS:
         problems.append(f"prompt_truncation: {prompt_truncation!r} is not one of {list(PROMPT_TRUNCATIONS)}")
     if preference_format is not None and preference_format not in PREFERENCE_FORMATS:
         problems.append(f"preference_format: {preference_format!r} is not one of {list(PREFERENCE_FORMATS)}")
-    if isinstance(max_prompt_length, bool) or not isinstance(max_prompt_length, int) or max_prompt_length < 1:
-        problems.append(f"max_prompt_length: {max_prompt_length!r} is not a positive integer")
-    elif preference_format == "rose" and isinstance(max_seq_length, int) and max_prompt_length >= max_seq_length:
+    bad_prompt_length = positive_int("max_prompt_length", max_prompt_length)
+    problems += bad_prompt_length
+    if not bad_prompt_length and preference_format == "rose" and isinstance(max_seq_length, int) \
+            and max_prompt_length >= max_seq_length:
         problems.append(f"max_prompt_length ({max_prompt_length}) must be below max_seq_length ({max_seq_length}), "
                         "or no response token would fit")
     return problems

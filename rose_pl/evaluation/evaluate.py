@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rose_pl.config import JudgeArgs, PreferenceArgs
+from rose_pl.config import JudgeArgs, PreferenceArgs, positive_int
 from rose_pl.errors import ConfigError
 from rose_pl.evaluation.generation import PROMPT_FORMATS
 
@@ -43,19 +43,9 @@ def check_evaluation(kind: str, data: str, judge: JudgeArgs | None, prompt_forma
                         "(evaluation.judge: base_url, model)")
     if prompt_format not in PROMPT_FORMATS:
         problems.append(f"prompt_format: {prompt_format!r} is not one of {list(PROMPT_FORMATS)}")
-    for name, value in (("batch_size", batch_size), ("max_seq_length", max_seq_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            problems.append(f"{name}: {value!r} is not a positive integer")
+    problems += positive_int("batch_size", batch_size) + positive_int("max_seq_length", max_seq_length)
     if judge is not None:
-        n = judge.max_prompts
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            problems.append(f"judge.max_prompts: {n!r} is not a positive integer (or null: all prompts)")
-        new = judge.max_new_tokens
-        if isinstance(new, bool) or not isinstance(new, int) or new < 1:
-            problems.append(f"judge.max_new_tokens: {new!r} is not a positive integer")
-        elif isinstance(max_seq_length, int) and new >= max_seq_length:
-            problems.append(f"judge.max_new_tokens ({new}) must be below max_seq_length ({max_seq_length}): the prompt "
-                            "needs room before the answer")
+        problems += [f"judge.{p}" for p in judge.validate(max_seq_length)]
     if problems:
         raise ConfigError(problems)
 

@@ -23,7 +23,14 @@ from rose_pl.files import file_digest
 from rose_pl.layout import BASE, RunLayout
 from rose_pl.pipeline.lightning import run_lightning
 from rose_pl.pipeline.stages import RunManifest, Stage, run_stages
-from rose_pl.selection.methods import FeatureSpec, GradientMethod, ScoringContext, SelectionMethod, get_method
+from rose_pl.selection.methods import (
+    FeatureSpec,
+    GradientMethod,
+    ScoringContext,
+    SelectionMethod,
+    get_method,
+    training_side,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +99,9 @@ class Pipeline:
         """Pool specs and validation specs by side, and the sides each method reads."""
         pool, val, sides = {}, {}, {}
         for name, method in self.methods.items():
-            if isinstance(method, GradientMethod) and self.scoring == "exact":
-                sides[name] = []
-                continue
             sides[name] = []
+            if isinstance(method, GradientMethod) and self.scoring == "exact":
+                continue  # scored from task means and exact passes, built by the pipeline itself
             for spec in method.feature_specs(self.a.features):
                 table = pool if spec.data == "pool" else val
                 if spec.side in table and table[spec.side][0] != spec:
@@ -237,8 +243,6 @@ class Pipeline:
 
     def _exact_stages(self, targets: list[str], means: dict[str, dict[int, list[str]]]) -> list[Stage]:
         """One stage per (target, checkpoint); the due ones of a checkpoint run as one pass over the pool."""
-        from rose_pl.selection.methods import training_side
-
         train = training_side(self.a.features)
         stages = []
         for epoch in self.epochs:
