@@ -78,3 +78,50 @@ def single_example_grads(model, objective, batch) -> torch.Tensor:
         loss = objective(model, one).losses.sum()
         rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
     return torch.stack(rows)
+
+
+# --- BM25: the rank-bm25 implementation that rose_pl.selection.baselines.bm25_scores replaced (bm25s) ----------
+# Kept as is (BM25Okapi + a postings loop over its per-document dictionaries) so the tests can check that the new
+# implementation gives the same scores. rank-bm25 is a test-only dependency from here on.
+
+import re as _re
+from collections import Counter as _Counter, defaultdict as _defaultdict
+
+import numpy as _np
+
+
+def bm25_tokenize(text: str) -> list[str]:
+    """Lowercased regex \\w+ tokens (the tokenizer rose_pl's BM25 uses on both sides)."""
+    return _re.findall(r"\w+", text.lower(), _re.UNICODE)
+
+
+def rank_bm25_scores(pool_texts, val_texts, task_ids, k1=1.5, b=0.75, epsilon=0.25):
+    """(scores (N,), per_task (N, T), tasks): per_task[:, j] = mean over task j's validation texts of
+    rank_bm25.BM25Okapi(pool).get_scores(query), scores = max over the (sorted) tasks. Computed from the index's
+    postings (each distinct query token once), which equals averaging get_scores per query."""
+    from rank_bm25 import BM25Okapi
+
+    tasks = sorted(set(task_ids))
+    inverse = _np.asarray([tasks.index(t) for t in task_ids], dtype=_np.int64)
+    bm25 = BM25Okapi([bm25_tokenize(t) for t in pool_texts], k1=k1, b=b, epsilon=epsilon)
+    n, num_tasks = bm25.corpus_size, len(tasks)
+    sizes = _np.bincount(inverse, minlength=num_tasks).astype(_np.float64)
+    weight = _defaultdict(lambda: _np.zeros(num_tasks))
+    for text, t in zip(val_texts, inverse):
+        for tok, count in _Counter(bm25_tokenize(text)).items():
+            weight[tok][t] += count / sizes[t]
+    vocab = set(weight)
+    docs, tfs = _defaultdict(list), _defaultdict(list)
+    for d, freqs in enumerate(bm25.doc_freqs):
+        shared = (t for t in vocab if t in freqs) if len(freqs) > len(vocab) else (t for t in freqs if t in vocab)
+        for tok in shared:
+            docs[tok].append(d)
+            tfs[tok].append(freqs[tok])
+    doc_len = _np.asarray(bm25.doc_len, dtype=_np.float64)
+    norm = bm25.k1 * (1 - bm25.b + bm25.b * doc_len / bm25.avgdl)
+    per_task = _np.zeros((n, num_tasks), dtype=_np.float64)
+    for tok in sorted(docs):
+        d, tf = _np.asarray(docs[tok], dtype=_np.int64), _np.asarray(tfs[tok], dtype=_np.float64)
+        idf = bm25.idf.get(tok) or 0  # the lookup rank_bm25.get_scores does
+        per_task[d] += (idf * tf * (bm25.k1 + 1) / (tf + norm[d]))[:, None] * weight[tok][None, :]
+    return per_task.max(axis=1), per_task, tasks

@@ -194,7 +194,7 @@ def _bm25(ctx: ScoringContext) -> InfluenceResult:
     from rose_pl.selection.baselines import bm25_scores
 
     val_texts = [f"{v.prompt}\n{v.chosen}" for v in ctx.validation]
-    scores, per_task, tasks = bm25_scores([e.text for e in ctx.pool], val_texts, ctx.task_ids)
+    scores, per_task, tasks = bm25_scores((e.text for e in ctx.pool), val_texts, ctx.task_ids)
     return InfluenceResult(scores.astype(np.float32), per_task.astype(np.float32), per_task.argmax(1), tasks,
                            np.ones(1), {"method": "bm25"})
 
@@ -217,5 +217,6 @@ register_method(GradientMethod(
 register_method(SelectionMethod(
     "rds", _rds, features=_rds_specs,
     description="RDS: cosine of mean last-layer hidden states (last warmup checkpoint)"))
-register_method(SelectionMethod("bm25", _bm25, description="BM25 (rank-bm25) between validation texts and pool rows"))
+register_method(SelectionMethod("bm25", _bm25, description="BM25 (bm25s, BM25Okapi's scores) between validation texts "
+                                                           "and pool rows"))
 register_method(SelectionMethod("random", _random, description="a uniformly random selection (seeded)"))
