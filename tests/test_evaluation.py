@@ -299,3 +299,16 @@ def test_result_json_is_atomic_strict_and_reads_back(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["rose.json"], "no temporary file left"
     back = EvaluationResult.read_json(path)
     assert back.method == "rose" and back.config == {"beta": 0.1} and back.metrics["num_pairs"] == 8
+
+
+def test_an_adapter_of_another_base_model_is_refused_by_name_before_loading(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from rose_pl.training.sources import check_adapter_fits
+
+    small, wide = tiny_llama(), tiny_llama(hidden_size=48, num_attention_heads=4)
+    adapter = tmp_path / "adapter"
+    get_peft_model(wide, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    with pytest.raises(ConfigError, match="trained on another base model than tiny-32.*32 inputs in tiny-32, 48 in the adapter"):
+        check_adapter_fits(small, adapter, "tiny-32")
+    check_adapter_fits(tiny_llama(hidden_size=48, num_attention_heads=4), adapter, "tiny-48")  # fits: no error

@@ -61,7 +61,7 @@ def compute_means(root, manifest, prefs, model_dir):
         for c in manifest.checkpoints:
             folder = root / "means" / side / f"epoch-{c.epoch}"
             module = GradientFeatureModule(checkpoint=str(c.path), objective=objective, model=str(model_dir))
-            trainer(callbacks=[TaskMeanWriter(str(folder))]).predict(module, datamodule=data(prefs, model_dir, kind),
+            trainer(callbacks=[TaskMeanWriter(str(folder), side)]).predict(module, datamodule=data(prefs, model_dir, kind),
                                                                       return_predictions=False)
             out[side].append(folder)
     return out
@@ -277,7 +277,7 @@ def test_ddp_with_more_ranks_than_rows_is_refused_with_the_fix(warm, tiny_model_
     config = {
         "trainer": {"accelerator": "cpu", "logger": False, "inference_mode": False, "enable_progress_bar": False,
                     "default_root_dir": str(tmp_path), "callbacks": [
-                        {"class_path": "rose_pl.features.exact.TaskMeanWriter", "init_args": {"output_dir": str(tmp_path / "m")}}]},
+                        {"class_path": "rose_pl.features.exact.TaskMeanWriter", "init_args": {"output_dir": str(tmp_path / "m"), "side": "val_dpo"}}]},
         "model": {"class_path": "rose_pl.features.module.GradientFeatureModule",
                   "init_args": {"checkpoint": str(manifest.checkpoints[0].path), "model": str(tiny_model_dir),
                                 "objective": {"class_path": "rose_pl.features.objectives.DPOObjective"}}},

@@ -138,7 +138,7 @@ def test_auto_device_is_logged(problem, caplog):
 
 
 def _meta(ckpt, kind="countsketch", seed=0, dim=16, rows=53):
-    return {"num_rows": rows, "dim": dim, "dtype": "float16", "checkpoint": ckpt,
+    return {"num_rows": rows, "dim": dim, "dtype": "float16", "weights": ckpt,
             "projector": {"kind": kind, "dim": dim, "seed": seed}}
 
 
@@ -150,7 +150,7 @@ def test_store_metadata_checks_list_every_mismatch():
     text = str(info.value)
     assert "projector.seed: t1 1, v1 0" in text
     assert "projector.kind: t2 'countsketch', v2 'gaussian'" in text
-    assert "checkpoint 'epoch2' (t2) != 'epoch3' (v2)" in text
+    assert "checkpoint weights 'epoch2' (t2) != 'epoch3' (v2)" in text
     assert "same checkpoint" in text
 
 
@@ -208,7 +208,7 @@ def test_save_scores_rejects_wrong_id_count_and_load_rejects_incomplete(problem,
 def _store(path, rows, checkpoint, seed=0, excluded=()):
     from rose_pl.features.store import FeatureStore
 
-    meta = {"module": {"checkpoint": checkpoint}, "projector": {"kind": "countsketch", "dim": rows.shape[1], "seed": seed},
+    meta = {"module": {"weights": checkpoint}, "projector": {"kind": "countsketch", "dim": rows.shape[1], "seed": seed},
             "dataset_fingerprint": "x"}
     store = FeatureStore.create(path, rows.shape[0], rows.shape[1], meta, dtype="float32", durable=False)
     keep = [i for i in range(rows.shape[0]) if i not in set(excluded)]

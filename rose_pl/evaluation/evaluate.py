@@ -57,6 +57,9 @@ def _load(model: str, adapter: str | None, dtype: str):
     if adapter:
         from peft import PeftModel
 
+        from rose_pl.training.sources import check_adapter_fits
+
+        check_adapter_fits(net, adapter, model)
         net = PeftModel.from_pretrained(net, adapter)
     net.eval()
     return net, load_tokenizer(model)

@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from rose_pl.errors import ConfigError, StoreMismatchError
 from rose_pl.features.per_sample_grads import BlockSink
+from rose_pl.features.protocols import DATA_MEMBERS, MODULE_MEMBERS, TASK_MEMBERS, check_members
 from rose_pl.features.store import KEY_MODULE, FeatureStoreWriter, StoreOutput
 from rose_pl.files import atomic_dir, atomic_write_json, file_digest
 
@@ -58,14 +59,15 @@ class TaskMeanWriter(BasePredictionWriter):
     the per-task sums are summed over ranks before rank 0 writes.
     """
 
-    def __init__(self, output_dir: str, side: str | None = None):
+    def __init__(self, output_dir: str, side: str):
         """
         Args:
             output_dir: Folder for means.safetensors and means.json (replaced atomically when complete). Fields of
                 the module's feature metadata may be named in braces, e.g. `.../val_dpo/epoch-{checkpoint_epoch}`.
-            side: Name of this validation side in exact score columns (`<side>/<task>`); default: the folder
-                above output_dir (`.../means/val_dpo/epoch-2` -> val_dpo).
+            side: Name of this validation side (`val_dpo`, `val_sft`, ...): exact score columns are `<side>/<task>`.
         """
+        if not isinstance(side, str) or not side or "/" in side:
+            raise ConfigError(f"TaskMeanWriter: side must be a non-empty name without '/', got {side!r}")
         super().__init__(write_interval="batch")
         self.output_dir, self.side = output_dir, side
 
@@ -73,10 +75,8 @@ class TaskMeanWriter(BasePredictionWriter):
         if stage != "predict":
             return
         dm = trainer.datamodule
-        if not hasattr(pl_module, "gradient_shapes"):
-            raise ConfigError(f"TaskMeanWriter needs a gradient module, got {type(pl_module).__name__}")
-        if dm is None or getattr(dm, "task_ids", "missing") == "missing":
-            raise ConfigError("TaskMeanWriter needs a datamodule with task_ids (FeatureDataModule on a preference set)")
+        check_members("TaskMeanWriter", pl_module, MODULE_MEMBERS, dm,
+                      {k: TASK_MEMBERS[k] for k in ("fingerprint", "task_ids")})
         dm.setup("predict")
         if dm.task_ids is None:
             raise ConfigError("TaskMeanWriter: the datamodule's rows carry no task ids (use a preference set)")
@@ -157,11 +157,11 @@ class TaskMeanWriter(BasePredictionWriter):
             "counts": [int(counts[i]) for i in present],
             "empty_tasks": empty,
             "zero_rows": zero_rows,
-            "side": self.side or Path(self.output_dir).parent.name,
+            "side": self.side,
             "normalize": True,
             "parameters": _layout(self.shapes),
             KEY_MODULE: pl_module.feature_metadata(),
-            "dataset_fingerprint": dm.fingerprint() if hasattr(dm, "fingerprint") else None,
+            "dataset_fingerprint": dm.fingerprint(),
             "data": dm.settings() if hasattr(dm, "settings") else None,
         }
         with atomic_dir(self.output_dir) as tmp:
@@ -196,7 +196,10 @@ class TaskMeans:
     @property
     def side(self) -> str:
         """The validation side's name, as recorded by the writer (exact score columns are `<side>/<task>`)."""
-        return self.meta.get("side") or self.path.parent.name
+        if not self.meta.get("side"):
+            raise StoreMismatchError(f"{self.path / MEANS_META}: records no side (written by an older rose_pl); "
+                                     "compute the task means again")
+        return self.meta["side"]
 
 
 # ---- pool side: inner products with every task mean ---------------------------------------------------
@@ -270,6 +273,9 @@ class ExactScoreWriter(FeatureStoreWriter):
         self.targets, self.means_dtype = targets, means_dtype
         self._sink: ExactScoreSink | None = None
 
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_members(type(self).__name__, pl_module, MODULE_MEMBERS, trainer.datamodule, DATA_MEMBERS)
+
     def outputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[StoreOutput]:
         device = trainer.strategy.root_device
         shapes = dict(pl_module.gradient_shapes())
@@ -288,7 +294,7 @@ class ExactScoreWriter(FeatureStoreWriter):
                     if name in means.means:
                         per_param[name].append(means.means[name].reshape(len(means.tasks), -1))
                 columns += [f"{means.side}/{task}" for task in means.tasks]
-                sources.append({"path": str(Path(folder).resolve()), "side": means.side, "tasks": means.tasks,
+                sources.append({"side": means.side, "tasks": means.tasks,
                                 "digest": means.meta["means_digest"], "objective": means.meta[KEY_MODULE].get("objective")})
             columns.append(NORM_COLUMN)
             meta = {KEY_MODULE: module_meta, "exact": {"columns": columns, "means": sources}, **data}
@@ -310,9 +316,9 @@ class ExactScoreWriter(FeatureStoreWriter):
         if means.meta.get("parameters") != _layout(shapes):
             problems.append(f"{means.path}: computed for other parameters (names or shapes) than this model's")
         theirs = means.meta.get(KEY_MODULE, {})
-        for key in ("checkpoint", "model"):
+        for key, what in (("weights", "checkpoint weights (digest)"), ("model", "model")):
             if theirs.get(key) != module_meta.get(key):
-                problems.append(f"{means.path}: {key} {theirs.get(key)!r}, this pass uses {module_meta.get(key)!r}")
+                problems.append(f"{means.path}: {what} {theirs.get(key)!r}, this pass uses {module_meta.get(key)!r}")
         return problems
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
+from torch import nn
 
-from rose_pl.features.module import CheckpointFeatureModule
+from rose_pl.errors import ConfigError
+from rose_pl.features.module import BaseFeatureModule, with_attention_masks
 
 
-class HiddenStateModule(CheckpointFeatureModule):
+class HiddenStateModule(BaseFeatureModule):
     """Mean over a row's tokens of the last hidden layer, L2-normalized, for `Trainer.predict` (no gradients)."""
 
-    def __init__(self, checkpoint: str, model: str | None = None, dtype: str = "float32",
-                 attn_implementation: str | None = "eager"):
+    def __init__(self, model: Union[str, nn.Module, None] = None, checkpoint: str | None = None,
+                 dtype: str = "float32", attn_implementation: str | None = "eager"):
         """
         Args:
-            checkpoint: Warmup checkpoint whose adapter is applied (an epoch folder or `folder:epoch`).
-            model: Base model; by default the one recorded in the checkpoint manifest.
-            dtype: Weights dtype of the base model.
+            model: The model (a name or folder, or an nn.Module); None: the base model the checkpoint records.
+            checkpoint: Weights on top of it (a rose_pl warmup epoch, a Trainer checkpoint, a peft adapter folder).
+            dtype: Weights dtype of a model loaded by name.
             attn_implementation: Attention kernel passed to transformers.
         """
-        super().__init__(checkpoint, model, dtype, attn_implementation)
-        self.save_hyperparameters()
+        super().__init__(model, checkpoint, dtype, attn_implementation)
+        self.save_hyperparameters(ignore=["model"])
+        self.hparams["model"] = self.base_model_name
 
     def feature_dim(self) -> int:
         """Width of the features (the hidden size): they need no projection."""
@@ -28,8 +33,9 @@ class HiddenStateModule(CheckpointFeatureModule):
         return int(self.model.config.hidden_size)
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        if "input_ids" not in batch:
-            raise ValueError("HiddenStateModule needs SFT batches (data kind 'sft' or 'preference_sft')")
+        if "input_ids" not in batch or "index" not in batch:
+            raise ConfigError(f"HiddenStateModule needs SFT batches with 'input_ids' and 'index' (got {sorted(batch)})")
+        batch = with_attention_masks(dict(batch))
         with torch.no_grad():
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              output_hidden_states=True)

@@ -1,10 +1,17 @@
-"""Predict-time LightningModules of one warmup checkpoint: batch -> per-sample features.
+"""Predict-time LightningModules: batch -> per-sample features, for any causal LM.
+
+The model comes from anywhere (`BaseFeatureModule`): an `nn.Module` already built (a plain Hugging Face model or a
+peft model), a hub id / local folder / embedded name, optionally with a checkpoint on top: a rose_pl warmup epoch,
+a Hugging Face Trainer checkpoint folder (as LESS and ROSE write them), a peft adapter folder, or a full model
+folder (`rose_pl.training.sources`). Which parameters get gradients is an argument (`parameters`: name patterns);
+by default the trainable ones of plain `nn.Linear` layers (the LoRA matrices of a peft model).
 
 `GradientFeatureModule` takes an objective (what loss each sample's gradient is of) and an optional transform
 (what the gradient becomes: `AdamDirection` for the training side). Both are injected: a class path in YAML,
 an object in Python. The per-sample blocks go to `self.gradient_sink` (set by a sink callback such as
 `ProjectionCallback`, `ExactScoreWriter` or `TaskMeanWriter`) as soon as each is ready; without a sink,
-`predict_step` returns the raw per-sample gradients, which is handy in other projects.
+`predict_step` returns the raw per-sample gradients, which is handy in other projects. What a sink callback needs
+of a module is the `FeatureModule` protocol (`rose_pl.features.protocols`).
 
 | side | objective | transform | data kind |
 |---|---|---|---|
@@ -15,30 +22,78 @@ an object in Python. The per-sample blocks go to `self.gradient_sink` (set by a 
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import logging
+from typing import Union
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 
-from rose_pl.errors import ConfigError
+from rose_pl.errors import CheckpointError, ConfigError
 from rose_pl.features.objectives import Objective, SFTObjective
 from rose_pl.features.transforms import GradientTransform
 from rose_pl.hub import load_causal_lm
-from rose_pl.training.checkpoints import resolve_checkpoint
+from rose_pl.training.sources import CheckpointSource, check_adapter_fits, checkpoint_source
 
 log = logging.getLogger(__name__)
 
+_ID_ELEMENTS = 4096  # elements at each end of a parameter that identify the weights (all of a LoRA matrix)
 
-class CheckpointFeatureModule(pl.LightningModule):
-    """Base of the feature modules: the base model with one warmup checkpoint's adapter, in eval mode."""
 
-    def __init__(self, checkpoint: str, model: str | None = None, dtype: str = "float32",
-                 attn_implementation: str | None = "eager"):
+def _is_plain_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def weights_id(model: nn.Module, names: list[str]) -> str:
+    """A short digest of the named parameters' values (small ones whole, large ones by their ends): features of
+    other weights never pass for these, wherever the checkpoint folder was copied."""
+    params = dict(model.named_parameters())
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        flat = params[name].detach().reshape(-1)
+        ends = flat if flat.numel() <= 2 * _ID_ELEMENTS else torch.cat([flat[:_ID_ELEMENTS], flat[-_ID_ELEMENTS:]])
+        digest.update(f"{name}{tuple(params[name].shape)}{params[name].dtype}".encode())
+        digest.update(ends.to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class BaseFeatureModule(pl.LightningModule):
+    """Base of the feature modules: a causal LM in eval mode, from any source (see the module docstring)."""
+
+    takes_gradients = False
+    """Whether some parameters keep requires_grad (gradient modules) or none does (hidden states)."""
+
+    def __init__(self, model: Union[str, nn.Module, None] = None, checkpoint: str | None = None,
+                 dtype: str = "float32", attn_implementation: str | None = "eager",
+                 parameters: list[str] | None = None):
         super().__init__()
-        self.manifest, self.ckpt = resolve_checkpoint(checkpoint)
-        self.base_model_name = model or self.manifest.base_model
+        self.given = model if isinstance(model, nn.Module) else None
+        self.source: CheckpointSource | None = checkpoint_source(checkpoint) if checkpoint is not None else None
+        name = model if isinstance(model, str) else None
+        problems = []
+        if model is not None and not isinstance(model, (str, nn.Module)):
+            problems.append(f"model: {model!r} is neither a model name or folder nor an nn.Module")
+        if name is None and self.given is None:
+            if self.source is None:
+                problems.append("give a model (hub id, folder, embedded name or nn.Module), a checkpoint, or both")
+            elif self.source.kind == "model":
+                name = str(self.source.path)
+            elif self.source.base_model:
+                name = self.source.base_model
+            else:
+                problems.append(f"checkpoint {self.source.path} does not record its base model: give model too")
+        if parameters is not None and (isinstance(parameters, str) or not all(isinstance(p, str) for p in parameters)):
+            problems.append(f"parameters: {parameters!r} is not a list of name patterns")
+        if problems:
+            raise ConfigError(problems)
+        self.base_model_name = name
         self.model = None
+        self._trained: list[str] = []
+        self._weights_id: str | None = None
 
+    # ---- the model ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
@@ -48,42 +103,97 @@ class CheckpointFeatureModule(pl.LightningModule):
                 "rank to hold the whole model: use strategy ddp (data parallel) for predict"
             )
 
-    def _trainable(self) -> bool:
-        return False
-
     def configure_model(self) -> None:
         if self.model is not None:
             return
         from peft import PeftModel
 
-        base = load_causal_lm(self.base_model_name, self.hparams.dtype, self.hparams.attn_implementation)
-        self.model = PeftModel.from_pretrained(base, str(self.ckpt.adapter_dir), is_trainable=True)
-        self.model.eval()  # dropout off: a feature is a property of the sample, not of a dropout mask
-        for p in self.model.parameters():
-            if p.requires_grad:
-                p.requires_grad_(self._trainable())
+        adapter = self.source.adapter_dir if self.source is not None else None
+        if self.given is not None:
+            net = self.given
+            if adapter is not None:
+                if isinstance(net, PeftModel):
+                    raise ConfigError(f"model is a peft model already; checkpoint {adapter} would add a second "
+                                      "adapter: pass the base model, or no checkpoint")
+                check_adapter_fits(net, adapter, type(net).__name__)
+                net = PeftModel.from_pretrained(net, str(adapter), is_trainable=True)
+        else:
+            net = load_causal_lm(self.base_model_name, self.hparams.dtype, self.hparams.attn_implementation)
+            if adapter is not None:
+                check_adapter_fits(net, adapter, self.base_model_name)
+                net = PeftModel.from_pretrained(net, str(adapter), is_trainable=True)
+        net.eval()  # dropout off: a feature is a property of the sample, not of a dropout mask
+        self._trained = [n for n, p in net.named_parameters() if p.requires_grad]
+        self._weights_id = weights_id(net, self._trained or [n for n, _ in net.named_parameters()])
+        chosen = set(self._choose(net)) if self.takes_gradients else set()
+        for n, p in net.named_parameters():
+            p.requires_grad_(n in chosen)
+        self.model = net
+
+    def _choose(self, net: nn.Module) -> list[str]:
+        """The parameters whose per-sample gradients are taken (see `parameters`)."""
+        patterns = self.hparams.get("parameters")
+        names = [n for n, _ in net.named_parameters()]
+        if patterns is not None:
+            unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+            if unmatched:
+                raise ConfigError(f"parameters: {unmatched} match no parameter of the model (e.g. {names[:3]})")
+            return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        owner = {f"{m}.{p}" if m else p: module for m, module in net.named_modules()
+                 for p, _ in module.named_parameters(recurse=False)}
+        linear = [n for n in self._trained if _is_plain_linear(owner[n])]
+        skipped = [n for n in self._trained if n not in linear]
+        if skipped:
+            log.info("gradients of %d trainable parameters of nn.Linear layers; %d trainable parameters of other "
+                     "layers (embeddings, norms) are left out (name them in `parameters` to choose): %s",
+                     len(linear), len(skipped), ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        if not linear:
+            raise ConfigError(f"the model ({self.base_model_name or type(self.given).__name__}) has no trainable "
+                              "nn.Linear parameter: give `parameters` (name patterns) or a checkpoint with an adapter")
+        return linear
+
+    def trained_parameter_names(self) -> list[str]:
+        """The parameters that were trainable when the model was loaded (those a saved optimizer state covers)."""
+        self.configure_model()
+        return list(self._trained)
+
+    def optimizer_state(self) -> dict:
+        """The optimizer state saved with the checkpoint (for `AdamDirection`), as torch.load returns it."""
+        if self.source is None or self.source.optimizer_file is None:
+            where = f"checkpoint {self.source.path} ({self.source.kind})" if self.source else "no checkpoint"
+            raise CheckpointError(f"AdamDirection needs Adam state, and {where} has none: give "
+                                  "AdamDirection(optimizer_state=...), or build it with AdamDirection.from_optimizer("
+                                  "optimizer, model) or AdamDirection.from_state_dict(...)")
+        return self.source.load_optimizer_state()
 
     def feature_metadata(self) -> dict:
-        """Everything about the module that defines its features (stored beside them, compared on reuse)."""
+        """Everything about the module that defines its features (stored beside them, compared on reuse). No path:
+        a run folder copied elsewhere keeps its features' identity (the weights' digest)."""
+        self.configure_model()
+        s = self.source
         return {
             "module": type(self).__name__,
-            "model": self.base_model_name,
-            "checkpoint": str(self.ckpt.path.resolve()),
-            "checkpoint_epoch": self.ckpt.epoch,
-            "checkpoint_lr": self.ckpt.lr,
+            "model": self.base_model_name or f"<{type(self.given).__name__}>",
+            "weights": self._weights_id,
+            "checkpoint_kind": s.kind if s else None,
+            "checkpoint_epoch": s.epoch if s else None,
+            "checkpoint_lr": s.lr if s else None,
             "dtype": self.hparams.dtype,
         }
 
 
-class GradientFeatureModule(CheckpointFeatureModule):
-    """Per-sample gradients of `objective` at a warmup checkpoint, optionally transformed, for `Trainer.predict`."""
+class GradientFeatureModule(BaseFeatureModule):
+    """Per-sample gradients of `objective` for any causal LM, optionally transformed, for `Trainer.predict`."""
+
+    takes_gradients = True
 
     def __init__(
         self,
-        checkpoint: str,
+        model: Union[str, nn.Module, None] = None,
         objective: Objective | None = None,
         transform: GradientTransform | None = None,
-        model: str | None = None,
+        checkpoint: str | None = None,
+        parameters: list[str] | None = None,
         dtype: str = "float32",
         attn_implementation: str | None = "eager",
         compute_dtype: str | None = "float32",
@@ -91,13 +201,19 @@ class GradientFeatureModule(CheckpointFeatureModule):
     ):
         """
         Args:
-            checkpoint: Warmup checkpoint: an epoch folder (`out/warmup/checkpoints/epoch-2`) or `folder:2`.
+            model: The model: a hub id, local folder or `embedded:...` name (loaded in `dtype`), or an nn.Module
+                already built (a plain Hugging Face model or a peft model). None: the base model the checkpoint
+                records.
             objective: The per-sample loss whose gradient is taken (default SFTObjective); e.g.
                 `{class_path: rose_pl.features.objectives.DPOObjective, init_args: {beta: 0.1}}`.
             transform: Applied to each per-sample gradient before the sink, e.g.
                 `{class_path: rose_pl.features.transforms.AdamDirection}` (the training side); None: the raw gradient.
-            model: Base model; by default the one recorded in the checkpoint manifest.
-            dtype: Weights dtype of the base model.
+            checkpoint: Weights on top of the model: a rose_pl warmup epoch folder (`out/warmup/checkpoints/epoch-2`
+                or `folder:2`), a Hugging Face Trainer checkpoint folder (adapter + optimizer.pt +
+                trainer_state.json), a peft adapter folder, or a full model folder. None: the model as given.
+            parameters: Name patterns (fnmatch, e.g. `["*lora_*"]`) of the parameters whose gradients are taken;
+                None: the trainable parameters of nn.Linear layers (a peft model's LoRA matrices).
+            dtype: Weights dtype of a model loaded by name.
             attn_implementation: Attention kernel; eager is the safe choice with padding masks.
             compute_dtype: dtype of the per-sample outer products (results are float32 either way); None keeps
                 the activation dtype (bfloat16 under bf16 weights or precision, faster on GPU).
@@ -106,8 +222,9 @@ class GradientFeatureModule(CheckpointFeatureModule):
                 its own longest row. Activation memory grows with it (about 2 GB per 1024 tokens for SmolLM2-135M
                 on CPU; far more for 8B models); None: the whole batch at once.
         """
-        super().__init__(checkpoint, model, dtype, attn_implementation)
-        self.save_hyperparameters(ignore=["objective", "transform"])
+        super().__init__(model, checkpoint, dtype, attn_implementation, parameters)
+        self.save_hyperparameters(ignore=["model", "objective", "transform"])
+        self.hparams["model"] = self.base_model_name
         self.objective = objective if objective is not None else SFTObjective()
         if not isinstance(self.objective, Objective):
             raise ConfigError(f"objective: {self.objective!r} is not an Objective (rose_pl.features.objectives)")
@@ -121,9 +238,6 @@ class GradientFeatureModule(CheckpointFeatureModule):
         self.transform = transform
         self.gradient_sink = None
         self._grads = None
-
-    def _trainable(self) -> bool:
-        return True
 
     def gradient_shapes(self) -> dict[str, torch.Size]:
         """Ordered {parameter name: shape} of the parameters whose per-sample gradients are produced."""
@@ -154,8 +268,11 @@ class GradientFeatureModule(CheckpointFeatureModule):
                               "batches")
         # Lightning predicts under inference mode; gradients need a normal autograd context and tensors
         # created outside inference mode.
+        if "index" not in batch:
+            raise ConfigError(f"{type(self).__name__}: batches must carry 'index', each row's position in the dataset "
+                              f"(they have {sorted(batch)}); wrap the data in rose_pl.IndexedData, or add it")
         with torch.inference_mode(False), torch.enable_grad():
-            batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = with_attention_masks({k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()})
             index = batch.pop("index")
             if self._grads is None:
                 compute_dtype = getattr(torch, self.hparams.compute_dtype) if self.hparams.compute_dtype else None
@@ -170,6 +287,16 @@ class GradientFeatureModule(CheckpointFeatureModule):
             outs = [self._grads.compute(self.objective, chunk, sink=sink)
                     for chunk in split_rows(batch, self.hparams.max_tokens_per_pass)]
             return {"index": index, "grads" if sink is None else "features": _concat(outs)}
+
+
+def with_attention_masks(batch: dict) -> dict:
+    """`batch` with an all-ones `[prefix]attention_mask` for every `[prefix]input_ids` that has none (rows without
+    padding need no mask)."""
+    for key in [k for k in batch if k.endswith("input_ids")]:
+        mask = key[: -len("input_ids")] + "attention_mask"
+        if mask not in batch and torch.is_tensor(batch[key]):
+            batch[mask] = torch.ones_like(batch[key])
+    return batch
 
 
 def split_rows(batch: dict, max_tokens: int | None) -> list[dict]:

@@ -528,8 +528,10 @@ class ProjectionCallback(pl.Callback):
 
     def prepare(self, pl_module: pl.LightningModule, device: torch.device | str) -> None:
         """Set the projector up on `pl_module.gradient_shapes()` (idempotent; the store needs dim early)."""
-        if not hasattr(pl_module, "gradient_shapes"):
-            raise ConfigError(f"ProjectionCallback needs {type(pl_module).__name__}.gradient_shapes()")
+        from rose_pl.features.protocols import MODULE_MEMBERS, check_members
+
+        check_members("ProjectionCallback", pl_module,
+                      {k: MODULE_MEMBERS[k] for k in ("gradient_shapes", "gradient_sink")})
         self.projector.setup(pl_module.gradient_shapes(), device)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from rose_pl.files import atomic_write_json, jsonable
 from rose_pl.errors import ConfigError, StoreMismatchError
+from rose_pl.features.protocols import DATA_MEMBERS, MODULE_MEMBERS, check_members
 
 log = logging.getLogger(__name__)
 
@@ -358,10 +359,6 @@ class FeatureStoreWriter(BasePredictionWriter):
     def data_metadata(trainer: pl.Trainer) -> tuple[int, dict]:
         """(rows, metadata) of the datamodule's dataset: its fingerprint and, where it has them, its settings."""
         dm = trainer.datamodule
-        missing = [a for a in ("num_examples", "fingerprint") if dm is None or not hasattr(dm, a)]
-        if dm is None or missing:
-            raise ConfigError(f"the store writer needs a datamodule with {missing or 'num_examples, fingerprint'}: "
-                              "trainer.predict(model, datamodule=FeatureDataModule(...))")
         num_rows = dm.num_examples() if callable(dm.num_examples) else dm.num_examples
         meta = {KEY_DATASET: dm.fingerprint()}
         if hasattr(dm, "settings"):
@@ -372,14 +369,9 @@ class FeatureStoreWriter(BasePredictionWriter):
         """The store: dim from the ProjectionCallback (or the module's `feature_dim()`), module metadata."""
         from rose_pl.features.projection import ProjectionCallback  # projection sits left of store
 
-        problems = []
-        if not hasattr(pl_module, "feature_metadata"):
-            problems.append(f"{type(self).__name__} needs {type(pl_module).__name__}.feature_metadata()")
         projections = [c for c in trainer.callbacks if isinstance(c, ProjectionCallback)]
         if len(projections) > 1:
-            problems.append(f"{type(self).__name__} found {len(projections)} ProjectionCallbacks, expected at most one")
-        if problems:
-            raise ConfigError(problems)
+            raise ConfigError(f"{type(self).__name__} found {len(projections)} ProjectionCallbacks, expected at most one")
         if projections:
             projections[0].prepare(pl_module, trainer.strategy.root_device)
             projector = projections[0].metadata()
@@ -417,9 +409,21 @@ class FeatureStoreWriter(BasePredictionWriter):
         expected = {**out.meta, KEY_NUM_ROWS: num_rows, KEY_DIM: out.dim, KEY_DTYPE: self.dtype}
         return FeatureStore.open(out.path, expected_meta=expected, mode="r+")
 
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every member this writer needs of the module and the data (rose_pl.features.protocols), or one error."""
+        from rose_pl.features.projection import ProjectionCallback
+
+        projected = any(isinstance(c, ProjectionCallback) for c in trainer.callbacks)
+        module_needs = MODULE_MEMBERS if projected else {"feature_metadata": MODULE_MEMBERS["feature_metadata"]}
+        if not projected and not hasattr(pl_module, "feature_dim"):
+            module_needs = {**module_needs, "feature_dim": "feature_dim() -> width of its features (or add a "
+                                                           "ProjectionCallback to project gradients)"}
+        check_members(type(self).__name__, pl_module, module_needs, trainer.datamodule, DATA_MEMBERS)
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
+        self.check(trainer, pl_module)
         num_rows, _ = self.data_metadata(trainer)
         outputs = self.outputs(trainer, pl_module)
         self.stores = [(out, self._open(trainer, num_rows, out)) for out in outputs]
@@ -430,8 +434,7 @@ class FeatureStoreWriter(BasePredictionWriter):
         if written:
             log.info("feature store %s: %d of %d rows already written, computing the rest", where, len(written),
                      num_rows)
-        if hasattr(dm, "skip_indices"):
-            dm.skip_indices = set(dm.skip_indices or ()) | written
+        dm.skip_indices = set(dm.skip_indices or ()) | written
         # Rows the datamodule will never yield (dropped on request) are recorded as excluded, not awaited.
         planned = getattr(dm, "predict_indices", None)
         self._excluded = [] if planned is None else sorted(set(range(num_rows)) - written - set(planned))

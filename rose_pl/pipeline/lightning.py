@@ -25,20 +25,65 @@ class StageFailedError(RoseError):
     """A stage run as a subprocess exited with an error (its own output says why)."""
 
 
+OUTPUT_KEYS = ("output_dir", "dirpath")
+"""init_args of callbacks that name where a stage writes (FeatureStoreWriter, TaskMeanWriter, WarmupCheckpoint...)."""
+
+
+def _output_folder(trainer_cfg) -> Path | None:
+    """Where a stage's callbacks write (the parent of the first named output folder), for Lightning's own files."""
+    for callback in trainer_cfg.get("callbacks") or []:
+        init = callback.get("init_args") if isinstance(callback, dict) else getattr(callback, "init_args", None)
+        init = dict(init or {}) if not isinstance(init, dict) else init
+        for key in OUTPUT_KEYS:
+            value = init.get(key)
+            if isinstance(value, str) and value:
+                return Path(value.split("{", 1)[0]).parent if "{" in value else Path(value).parent
+        targets = init.get("targets")
+        if isinstance(targets, list) and targets:
+            first = targets[0] if isinstance(targets[0], dict) else vars(targets[0])
+            value = first.get("output_dir")
+            if isinstance(value, str) and value:
+                return Path(value.split("{", 1)[0]).parent
+    return None
+
+
 def lightning_cli(args: list[str] | None = None, run: bool = True):
-    """LightningCLI over any LightningModule / LightningDataModule named by `class_path` in the YAML."""
+    """LightningCLI over any LightningModule / LightningDataModule named by `class_path` in the YAML.
+
+    Nothing is written into the working directory unless the config says so: with no `trainer.default_root_dir`,
+    Lightning's own files (its config.yaml, default logs and checkpoints) go beside the stage's outputs (the folder
+    of the first callback's `output_dir` / `dirpath`), and a config.yaml is never written over one of the user's.
+    """
+    import os
     import warnings
 
     import lightning.pytorch as pl
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+    class SaveConfigBesideOutputs(SaveConfigCallback):
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            if Path(trainer.log_dir or os.getcwd()).resolve() == Path.cwd().resolve():
+                log.debug("not saving the resolved config: it would go into the working directory")
+                return
+            super().setup(trainer, pl_module, stage)
+
+    class CLI(LightningCLI):
+        def before_instantiate_classes(self) -> None:
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            trainer = cfg.get("trainer")
+            if trainer is not None and not trainer.get("default_root_dir"):
+                folder = _output_folder(trainer)
+                if folder is not None:
+                    trainer["default_root_dir"] = str(folder)
 
     # A pipeline calls stages in-process with explicit args while sys.argv holds `run ...`.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-    return LightningCLI(
+    return CLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=SaveConfigBesideOutputs,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -229,9 +229,9 @@ def influence_scores(
 
 
 def _checkpoint_of(meta: dict):
-    """The checkpoint a store's features come from (recorded by the module under "module"), or None."""
+    """The weights a store's features come from (their digest, recorded by the module under "module"), or None."""
     module = meta.get("module")
-    return module.get("checkpoint") if isinstance(module, dict) else meta.get("checkpoint")
+    return module.get("weights") if isinstance(module, dict) else meta.get("weights")
 
 
 def check_store_metas(train_metas: Sequence[dict], val_metas: Sequence[dict], train_names: Sequence[str],
@@ -239,7 +239,7 @@ def check_store_metas(train_metas: Sequence[dict], val_metas: Sequence[dict], tr
     """Raise StoreMismatchError listing every incompatibility between per-checkpoint train/val store metadata.
 
     Pairwise (train_i, val_i): the whole projector metadata (kind, dim, seed, parameter layout, normalization,
-    algorithm...), dim and, where both carry one, "checkpoint". Across checkpoints: one projector throughout,
+    algorithm...), dim and, where both carry one, the weights' digest. Across checkpoints: one projector throughout,
     equal training row counts, distinct checkpoints.
     """
     from rose_pl.features.store import compatibility_problems
@@ -251,7 +251,7 @@ def check_store_metas(train_metas: Sequence[dict], val_metas: Sequence[dict], tr
         problems += compatibility_problems(ta, va, train_names[i], val_names[i])
         ct, cv = _checkpoint_of(ta), _checkpoint_of(va)
         if ct is not None and cv is not None and ct != cv:
-            problems.append(f"checkpoint {ct!r} ({train_names[i]}) != {cv!r} ({val_names[i]})")
+            problems.append(f"checkpoint weights {ct!r} ({train_names[i]}) != {cv!r} ({val_names[i]})")
         if i > 0:
             problems += compatibility_problems(train_metas[0], ta, train_names[0], train_names[i])
             if ta.get("num_rows") != train_metas[0].get("num_rows"):
@@ -262,7 +262,7 @@ def check_store_metas(train_metas: Sequence[dict], val_metas: Sequence[dict], tr
         if _checkpoint_of(meta) is not None:
             key = json.dumps(_checkpoint_of(meta), sort_keys=True, default=str)
             if key in seen:
-                problems.append(f"{name} and {seen[key]} come from the same checkpoint {_checkpoint_of(meta)!r}")
+                problems.append(f"{name} and {seen[key]} come from the same checkpoint (weights {_checkpoint_of(meta)!r})")
             seen[key] = name
     if problems:
         raise StoreMismatchError("feature stores do not fit together:\n  - " + "\n  - ".join(problems))

@@ -135,23 +135,66 @@ def resolve_checkpoint(path: str | Path) -> tuple[Manifest, CheckpointInfo]:
     raise CheckpointError(f"{p}: not listed in {p.parent / MANIFEST}")
 
 
+def find_peft_model(pl_module: pl.LightningModule):
+    """The one peft model inside `pl_module` (a CheckpointError names what was found otherwise)."""
+    from peft import PeftModel
+
+    found = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, PeftModel)]
+    if len(found) != 1:
+        raise CheckpointError(
+            f"WarmupCheckpoint needs exactly one peft model inside {type(pl_module).__name__}, found "
+            f"{[n or '<the module itself>' for n, _ in found] or 'none'} (wrap the causal LM with peft.get_peft_model)")
+    return found[0][1]
+
+
+def lora_config_dict(peft_model) -> dict:
+    """The adapter's configuration, as recorded in checkpoint manifests."""
+    cfg = peft_model.peft_config[peft_model.active_adapter]
+    modules = cfg.target_modules
+    return {"r": cfg.r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+            "target_modules": sorted(modules) if isinstance(modules, (set, list, tuple)) else modules}
+
+
 class WarmupCheckpoint(pl.Callback):
     """Save, at the end of every training epoch, the adapter, the name-keyed AdamW state and the epoch's
     mean learning rate, then update the manifest. Writes are atomic, so a killed run leaves either the
-    previous or the new checkpoint, never half of one."""
+    previous or the new checkpoint, never half of one.
 
-    def __init__(self, dirpath: str, every_n_epochs: int = 1, save_optimizer: bool = True):
+    Works with any LightningModule that holds one peft model (rose_pl's `LoRACausalLM` or your own): parameter
+    names are the peft model's own, the base model and LoRA settings are read from peft (or given)."""
+
+    def __init__(self, dirpath: str, every_n_epochs: int = 1, save_optimizer: bool = True,
+                 base_model: str | None = None):
         """
         Args:
             dirpath: Output folder of the warmup checkpoints (created if missing).
             every_n_epochs: Save every n-th epoch (the last epoch is always saved).
             save_optimizer: Save the name-keyed AdamW state (the gradient stage needs it; a final
                 fine-tune does not).
+            base_model: The base model to record in the manifest (what a gradient pass loads the adapter onto);
+                default: the module's `model` hyperparameter, else what peft records.
         """
         self.dirpath = Path(dirpath)
         self.save_optimizer = save_optimizer
         self.every_n_epochs = every_n_epochs
+        self.base_model = base_model
         self._epoch_lrs: list[float] = []
+        self._peft = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Not in setup: a module may build its model in configure_model, which runs after the callbacks' setup.
+        self._check(pl_module)
+
+    def _check(self, pl_module) -> None:
+        self._peft = find_peft_model(pl_module)
+        hparams = getattr(pl_module, "hparams", {}) or {}
+        recorded = getattr(self._peft.peft_config[self._peft.active_adapter], "base_model_name_or_path", None)
+        self._base = self.base_model or (hparams.get("model") if isinstance(hparams.get("model"), str) else None) \
+            or recorded
+        if not self._base:
+            raise CheckpointError(f"WarmupCheckpoint: {type(pl_module).__name__} records no base model name "
+                                  "(hparams['model'] or peft's base_model_name_or_path): pass base_model=...")
+        self._lora = lora_config_dict(self._peft)
 
     # The learning rate an optimizer step uses is read just before the step.
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -181,31 +224,36 @@ class WarmupCheckpoint(pl.Callback):
         if not lrs:
             log.warning("epoch %d took no optimizer step: not saving a checkpoint", epoch)
             return
-        adapter_state, optim_state = _gather_states(trainer, pl_module)
+        if self._peft is None:  # called without on_fit_start (hooks called by hand)
+            self._check(pl_module)
+        adapter_state, optim_state = _gather_states(trainer, self._peft)
         hyper = adam_hyperparameters(trainer.optimizers[0])
         if trainer.is_global_zero:
-            self._write(trainer, pl_module, epoch, sum(lrs) / len(lrs), len(lrs), trainer.global_step, adapter_state, optim_state, hyper)
+            self._write(trainer, epoch, sum(lrs) / len(lrs), len(lrs), trainer.global_step, adapter_state,
+                        optim_state, hyper)
         trainer.strategy.barrier("rose_pl.warmup_checkpoint")
 
-    def _write(self, trainer, pl_module, epoch, mean_lr, steps, global_step, adapter_state, optim_state, hyper) -> None:
+    def _write(self, trainer, epoch, mean_lr, steps, global_step, adapter_state, optim_state, hyper) -> None:
         final = self.dirpath / epoch_dirname(epoch)
         info = {"epoch": epoch, "lr": mean_lr, "steps": steps, "global_step": global_step}
+        # Everything the manifest will say is known before the folder is written: nothing can fail in between.
+        entry, data = info | {"dir": final.name}, _data_summary(trainer.datamodule)
         with atomic_dir(final) as tmp:  # replaces the folder of a resumed run redoing this epoch
-            pl_module.model.save_pretrained(tmp / ADAPTER_DIR, state_dict=adapter_state)
+            self._peft.save_pretrained(tmp / ADAPTER_DIR, state_dict=adapter_state)
             if self.save_optimizer:
                 torch.save({"format": FORMAT_VERSION, "state": optim_state, "hyper": hyper}, tmp / OPTIMIZER_FILE)
             atomic_write_json(tmp / INFO_FILE, info)
-        self._update_manifest(pl_module, info | {"dir": final.name}, _data_summary(trainer.datamodule))
+        self._update_manifest(entry, data)
         log.info("saved warmup checkpoint %s (mean lr %.3g over %d steps)", final, mean_lr, steps)
 
-    def _update_manifest(self, pl_module, entry: dict, data: dict) -> None:
+    def _update_manifest(self, entry: dict, data: dict) -> None:
         file = self.dirpath / MANIFEST
         raw = json.loads(file.read_text()) if file.is_file() else {}
         entries = [c for c in raw.get("checkpoints", []) if c["epoch"] != entry["epoch"]]
         raw = {
             "format": FORMAT_VERSION,
-            "base_model": pl_module.hparams.get("model", ""),
-            "lora": dict(pl_module.lora_config_dict()),
+            "base_model": self._base,
+            "lora": dict(self._lora),
             "checkpoints": sorted(entries + [entry], key=lambda c: c["epoch"]),
             "data": data,
         }
@@ -217,15 +265,15 @@ def _data_summary(dm) -> dict:
     if dm is None or getattr(dm, "train_dataset", None) is None:
         return {}
     dropped = [{"id": d.id, "where": d.where, "reason": d.reason} for d in getattr(dm, "dropped", [])]
-    return {"file": str(dm.hparams.get("train_file", "")), "rows": len(dm.train_dataset), "dropped": len(dropped),
+    hparams = getattr(dm, "hparams", {}) or {}
+    return {"file": str(hparams.get("train_file", "")), "rows": len(dm.train_dataset), "dropped": len(dropped),
             "dropped_rows": dropped[:50]}
 
 
-def _gather_states(trainer, pl_module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    """Full (unsharded) adapter weights and name-keyed Adam state, on the CPU."""
+def _gather_states(trainer, model) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Full (unsharded) adapter weights and name-keyed Adam state of the peft `model`, on the CPU."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    model = pl_module.model
     optimizer = trainer.optimizers[0]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if isinstance(trainer.strategy, FSDPStrategy):

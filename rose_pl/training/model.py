@@ -26,6 +26,9 @@ def add_lora(base_model, lora: LoRAArgs, init_adapter: str | None = None, traina
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if init_adapter:
+        from rose_pl.training.sources import check_adapter_fits
+
+        check_adapter_fits(base_model, init_adapter, getattr(base_model.config, "_name_or_path", "the base model"))
         return PeftModel.from_pretrained(base_model, init_adapter, is_trainable=trainable)
     config = LoraConfig(
         r=lora.r,
@@ -101,16 +104,6 @@ class LoRACausalLM(pl.LightningModule):
         self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be live when training
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("LoRA parameters: %d trainable", trainable)
-
-    def lora_config_dict(self) -> dict:
-        """The adapter's configuration, as recorded in checkpoint manifests."""
-        cfg = self.model.peft_config["default"]
-        return {
-            "r": cfg.r,
-            "alpha": cfg.lora_alpha,
-            "dropout": cfg.lora_dropout,
-            "target_modules": sorted(cfg.target_modules),
-        }
 
     def forward(self, input_ids, attention_mask=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
