@@ -190,21 +190,69 @@ def prepare_model(model: str = DEFAULT_MODEL) -> None:
     print(resolve_model_path(model))
 
 
-def run_argv(argv: list[str]) -> dict[str, str]:
-    """`rose-pl run --config configs/rose.yaml [--key value ...]`; returns {stage: 'ran'|'skipped'}."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+RUN_USAGE = "rose-pl run --config FILE.yaml [--KEY VALUE ...] [--verify]"
+RUN_DESCRIPTION = (
+    "The whole pipeline in one output folder: warmup, gradients, scores, selections, fine-tunes and evaluations, "
+    "per target. Finished stages are skipped, a killed stage resumes, damaged outputs are redone with what depends "
+    "on them, and a changed configuration under finished stages is refused (or redone with --on_change redo). "
+    "Options below are the YAML keys (nested keys with dots).")
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    return [argv[i + 1] if a == "--config" else a.split("=", 1)[1]
+            for i, a in enumerate(argv) if (a == "--config" and i + 1 < len(argv)) or a.startswith("--config=")]
+
+
+def run_parser():
+    """The `rose-pl run` parser: RunArgs' fields (their docstrings are the help), --config and --verify."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     from rose_pl.config import RunArgs
-    from rose_pl.pipeline.run import run
-    from rose_pl.pipeline.summary import print_summary
 
-    parser = ArgumentParser(prog="rose-pl run", description=RunArgs.__doc__, default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML with the run's arguments")
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(prog="rose-pl run", usage=RUN_USAGE, description=RUN_DESCRIPTION, default_env=False,
+                            exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML with the run's options (repeatable; later wins)")
+    parser.add_argument("--verify", action="store_true",
+                        help="Check the output folder against the configuration and change nothing: list every stage "
+                             "whose outputs are damaged, missing or stale, and what a rerun would redo")
     parser.add_class_arguments(RunArgs, nested_key=None, fail_untyped=True)
-    cfg = parser.parse_args(argv)
+    return parser
+
+
+def parse_run_args(argv: list[str]):
+    """(RunArgs, verify) from `rose-pl run` arguments; every problem in one ConfigError, with the file and key."""
+    from argparse import ArgumentError
+
+    from rose_pl.config import RunArgs
+    from rose_pl.configfile import check_argv
+
+    check_argv(argv, RunArgs, flags=("verify",))
+    parser = run_parser()
+    try:
+        cfg = parser.parse_args(argv)
+    except ArgumentError as e:
+        files = _config_files(argv)
+        where = f"{', '.join(files)}: " if files else ""
+        raise ConfigError(f"{where}{' '.join(str(e).split())}") from None
+    verify = bool(cfg.pop("verify", False))
     cfg.pop("config", None)
     args = parser.instantiate(cfg)
-    run_args = RunArgs(**{k: getattr(args, k) for k in RunArgs.__dataclass_fields__})
+    return RunArgs(**{k: getattr(args, k) for k in RunArgs.__dataclass_fields__}), verify
+
+
+def run_argv(argv: list[str]) -> dict[str, str]:
+    """`rose-pl run --config configs/rose.yaml [--key value ...]`; returns {stage: 'ran'|'skipped'}."""
+    from rose_pl.pipeline.run import run, verify_run
+    from rose_pl.pipeline.summary import print_summary
+
+    if "-h" in argv or "--help" in argv:
+        run_parser().print_help()
+        raise SystemExit(0)
+    run_args, verify = parse_run_args(argv)
+    if verify:
+        print(verify_run(run_args))
+        return {}
     done = run(run_args)
     print_summary(run_args, done, argv)
     return done

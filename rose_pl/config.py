@@ -376,7 +376,10 @@ class RunArgs:
     """Everything one ROSE run needs: a pool, one or more targets, and the settings of every stage."""
 
     output_dir: str = "runs/demo"
-    """Output folder of the run (one per run; holds run.json, the source of truth)."""
+    """Output folder of the run (one per run; see rose_pl.layout). It must be new, empty, or a run folder."""
+    output_dir_exists: Literal["error", "ok"] = "error"
+    """An output_dir that exists, is not empty and is not a rose-pl run folder: refuse it (error), or write the run
+    into it anyway (ok; files with the run's names are replaced)."""
     model: str = DEFAULT_MODEL
     """Base model: hub id, local folder, or embedded:smollm2-135m-instruct."""
     pool: str = "data/pool.jsonl"

@@ -19,6 +19,20 @@ from pathlib import Path
 from typing import Any, Callable, IO, Iterator
 
 
+def _umask() -> int:
+    # The umask can only be read by setting it; done once, at import, before any thread starts writing.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+FILE_MODE = 0o666 & ~_UMASK
+"""Mode of every file rose_pl writes: what `open()` would give (mkstemp alone gives 0600)."""
+DIR_MODE = 0o777 & ~_UMASK
+"""Mode of every folder rose_pl writes (mkdtemp alone gives 0700)."""
+
+
 def _fsync_dir(path: Path) -> None:
     # Makes the rename durable; some filesystems refuse to open a folder, which is harmless here.
     try:
@@ -39,6 +53,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -76,6 +91,7 @@ def atomic_dir(path: str | Path, replace: bool = True) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        tmp.chmod(DIR_MODE)
         yield tmp
         if path.exists():
             if not replace:
@@ -125,3 +141,26 @@ def file_digest(path: str | Path, *settings: Any, length: int = 16) -> str:
     for s in settings:
         digest.update(json.dumps(s, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:length]
+
+
+FULL_DIGEST_BYTES = 32 << 20
+"""Files up to this size are hashed whole when their digest is recorded; larger ones are sampled."""
+SAMPLE_BYTES = 1 << 20
+
+
+def output_digest(path: str | Path) -> dict:
+    """What a finished output file should be: {"size", "sha256"} (whole file, when small) or {"size", "sampled"}
+    (the size and the first, middle and last MiB: a truncated, emptied or replaced file is caught without reading
+    gigabytes of features)."""
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FULL_DIGEST_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+            return {"size": size, "sha256": digest.hexdigest()[:32]}
+        for offset in (0, size // 2, size - SAMPLE_BYTES):
+            f.seek(offset)
+            digest.update(f.read(SAMPLE_BYTES))
+    return {"size": size, "sampled": digest.hexdigest()[:32]}

@@ -71,14 +71,42 @@ def check_model_source(name_or_path: str) -> None:
         return
     from huggingface_hub import constants, try_to_load_from_cache
 
+    try:
+        found = try_to_load_from_cache(name_or_path, "config.json")
+    except Exception as e:  # an id the hub would refuse, e.g. with too many slashes
+        raise ConfigError(f"{name_or_path!r} is neither a local folder nor a hub id ({e})") from None
+    if isinstance(found, str):
+        return
     if constants.HF_HUB_OFFLINE:
-        try:
-            found = try_to_load_from_cache(name_or_path, "config.json")
-        except Exception as e:  # an id the hub would refuse, e.g. with too many slashes
-            raise ConfigError(f"{name_or_path!r} is neither a local folder nor a hub id ({e})") from None
-        if not isinstance(found, str):
-            raise ConfigError(f"{name_or_path!r} is not in the local Hugging Face cache and the hub is off "
-                              "(HF_HUB_OFFLINE): download it first, or give its local folder")
+        raise ConfigError(f"{name_or_path!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                          "the hub is off (HF_HUB_OFFLINE): download it first, or give its local folder")
+    _check_reachable(name_or_path)
+
+
+HUB_CHECK_TIMEOUT = 15.0
+"""Seconds the up-front check of a hub id waits for the hub (once, no retries)."""
+
+
+def _check_reachable(repo_id: str) -> None:
+    """One request to the hub for `repo_id`: a model that cannot be downloaded fails here, in seconds, not after
+    the loader's retries inside the first stage."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_CHECK_TIMEOUT, files_metadata=False)
+    except GatedRepoError:
+        raise ConfigError(f"{repo_id!r} is gated on the hub: accept its licence and log in (HF_TOKEN), or give a "
+                          "local folder") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{repo_id!r} is not a local folder and the hub has no such model (or it is private: "
+                          "log in with HF_TOKEN)") from None
+    except Exception as e:  # unreachable hub: connection refused, DNS, timeout, proxy...
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ConfigError(f"{repo_id!r} is not a local folder, not in the local Hugging Face cache "
+                          f"({constants.HF_HUB_CACHE}), and the hub ({constants.ENDPOINT}) cannot be reached "
+                          f"({type(e).__name__}: {first}); download it where the hub is reachable, or give its local "
+                          "folder") from None
 
 
 def resolve_model_path(name_or_path: str) -> str:

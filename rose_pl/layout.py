@@ -1,7 +1,11 @@
 """Every path and file name of a run folder, derived in one place.
 
 ```
-run.json                                   what ran under which configuration (the source of truth)
+run.json                                   what ran under which configuration, the scoring mode, the summary (a view of
+                                           stages/, rewritten by the run that holds run.lock)
+run.lock                                   held by the `rose-pl run` working in this folder (flock; dies with it)
+stages/<stage>.json                        each stage's record: the fingerprint it ran under, and when complete, the
+                                           size and digest of every output file (the source of truth)
 configs/<stage>.yaml                       the LightningCLI YAML of every Lightning stage (rerun one alone)
 logs/<stage>.log                           everything each stage logged, unfiltered
 warmup/checkpoints/                        manifest.json + epoch-k/{adapter/, optimizer.pt, info.json}
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RUN_MANIFEST = "run.json"
+RUN_LOCK = "run.lock"
+STAGES_DIR = "stages"
 CHECKPOINTS_DIR = "checkpoints"
 RESUME_DIR = "resume"
 RESUME_FILE = "last.ckpt"
@@ -33,6 +39,11 @@ COMPARE_MD = "compare.md"
 COMPARE_JSON = "compare.json"
 BASE = "base"
 """Name under which the base model's evaluation is filed next to the methods'."""
+
+
+def stage_filename(stage: str) -> str:
+    """A stage name as one file name: slashes become double underscores."""
+    return stage.replace("/", "__")
 
 
 def epoch_dirname(epoch: int) -> str:
@@ -60,13 +71,26 @@ class RunLayout:
     def manifest(self) -> Path:
         return self.path(RUN_MANIFEST)
 
+    @property
+    def lock(self) -> Path:
+        return self.path(RUN_LOCK)
+
+    @property
+    def stages(self) -> Path:
+        """Stage records (one JSON file per stage)."""
+        return self.path(STAGES_DIR)
+
+    def stage_record(self, stage: str) -> Path:
+        """The record of one stage (slashes in its name become double underscores)."""
+        return self.stages / (stage_filename(stage) + ".json")
+
     def stage_log(self, stage: str) -> Path:
         """Everything a stage logged, unfiltered (slashes in its name become double underscores)."""
-        return self.path("logs", stage.replace("/", "__") + ".log")
+        return self.path("logs", stage_filename(stage) + ".log")
 
     def stage_config(self, stage: str) -> Path:
         """The generated YAML of a Lightning stage (slashes in its name become double underscores)."""
-        return self.path("configs", stage.replace("/", "__") + ".yaml")
+        return self.path("configs", stage_filename(stage) + ".yaml")
 
     @property
     def warmup(self) -> Path:

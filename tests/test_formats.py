@@ -280,3 +280,8 @@ def test_shared_data_quirks_are_reported_not_hidden(rose_validation_dir):
         read_instructions(rose_validation_dir / "se/se_2_shot_sft.json")
     with pytest.raises(DataFormatError, match="entry 2 .* identical"):
         read_preferences(rose_validation_dir / "se/se_5_shot_preference.json", shots_per_task=5)
+
+
+def test_a_directory_given_as_a_data_file_is_called_a_directory(tmp_path):
+    with pytest.raises(DataFormatError, match="is a directory"):
+        read_instructions(tmp_path)

@@ -7,7 +7,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "rose_pl"
 
 LAYERS = [
-    {"rose_pl.errors", "rose_pl.registry", "rose_pl.files", "rose_pl.layout", "rose_pl.config"},
+    {"rose_pl.errors", "rose_pl.registry", "rose_pl.files", "rose_pl.layout", "rose_pl.config", "rose_pl.configfile"},
     {"rose_pl.hub", "rose_pl.testing", "rose_pl.console", "rose_pl.progress"},
     {"rose_pl.data"},
     {"rose_pl.training"},

@@ -131,3 +131,15 @@ def test_write_selection_rejects_out_of_range_and_repeated_indices(pool_rows, tm
     with pytest.raises(ConfigError, match="3 scores for a pool of 40"):
         write_selection(pool_rows, [1], tmp_path / "a.jsonl", scores=np.zeros(3))
     assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_a_fraction_that_rounds_far_up_is_logged_with_the_count(caplog):
+    from rose_pl.selection.select import budget
+
+    with caplog.at_level("WARNING", logger="rose_pl.selection.select"):
+        assert budget(160, fraction=0.001) == 1
+    assert "fraction 0.001 of 160 rows is 0.16 rows: selecting 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rose_pl.selection.select"):
+        assert budget(200, fraction=0.05) == 10
+    assert caplog.text == ""

@@ -366,3 +366,18 @@ def test_writer_needs_projection_or_feature_dim(fake_predict, tmp_path):
                         enable_model_summary=False, callbacks=[FeatureStoreWriter(str(tmp_path / "s"))])
     with pytest.raises(ConfigError, match="feature_dim"):
         trainer.predict(module.FakeGradientModule(), datamodule=module.FakeData(4, 2), return_predictions=False)
+
+
+def test_every_output_is_written_with_the_mode_open_would_give(tmp_path):
+    import os
+
+    from rose_pl.files import atomic_dir, atomic_write_text
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    atomic_write_text(tmp_path / "a.txt", "a")
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "x").write_text("x")
+    (tmp_path / "plain.txt").write_text("p")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~mask

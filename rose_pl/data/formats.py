@@ -129,6 +129,13 @@ def _rows(path: Path) -> Iterator[tuple[int | str, Any]]:
         raise DataFormatError(path, None, f"unknown extension {suffix!r}: expected .jsonl or .json")
 
 
+def _require_file(path: Path) -> None:
+    if path.is_dir():
+        raise DataFormatError(path, None, "is a directory; expected a .jsonl or .json file")
+    if not path.is_file():
+        raise DataFormatError(path, None, "no such file")
+
+
 def _load_json(path: Path) -> Any:
     def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
         # json.loads keeps the last of repeated keys; a repeated prompt would lose a row without a word.
@@ -215,8 +222,7 @@ def read_instructions(
     path = Path(path)
     if duplicate_ids not in ("error", "rename"):
         raise ConfigError(f"duplicate_ids: {duplicate_ids!r} is not 'error' or 'rename'")
-    if not path.is_file():
-        raise DataFormatError(path, None, "no such file")
+    _require_file(path)
     stem = path.stem
     examples: list[InstructionExample] = []
     ids: dict[str, int | str | None] = {}
@@ -355,8 +361,7 @@ def read_preferences(
     problems = [p for p in [check_shots_per_task(shots_per_task)] if p]
     if on_invalid_pair not in ("error", "drop"):
         problems.append(f"on_invalid_pair: {on_invalid_pair!r} is not 'error' or 'drop'")
-    if not path.is_file():
-        raise DataFormatError(path, None, "no such file")
+    _require_file(path)
     data = _load_json(path) if path.suffix.lower() == ".json" else None
     if isinstance(data, dict):
         if default_task is not None:
@@ -411,8 +416,7 @@ def is_rose_object(path: str | Path) -> bool:
 def kind_of_test_set(path: str | Path) -> Literal["preference", "golden"]:
     """Whether a test file holds preference pairs or prompt + golden answer rows (from its first row)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(path, None, "no such file")
+    _require_file(path)
     if path.suffix.lower() == ".json":
         data = _load_json(path)
         if isinstance(data, dict):
@@ -434,8 +438,7 @@ def kind_of_test_set(path: str | Path) -> Literal["preference", "golden"]:
 def read_golden_answers(path: str | Path) -> list[GoldenExample]:
     """Read a prompt + golden-answer test set (.jsonl, or a .json list), validating every row."""
     path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(path, None, "no such file")
+    _require_file(path)
     examples: list[GoldenExample] = []
     ids: dict[str, int | str | None] = {}
     for row_number, (where, row) in enumerate(_rows(path)):

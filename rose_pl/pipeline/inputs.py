@@ -44,6 +44,30 @@ def check_writable(folder: str) -> None:
         raise ConfigError(f"{folder} cannot be written ({e.strerror or e})") from None
 
 
+def is_run_folder(path: Path) -> bool:
+    """Whether `path` was made by `rose-pl run` (stage records, its lock file, or its run.json)."""
+    from rose_pl.layout import RunLayout
+    from rose_pl.pipeline.stages import RunManifest
+
+    layout = RunLayout(path)
+    return layout.stages.is_dir() or layout.lock.exists() or RunManifest(path).is_rose_pl()
+
+
+def check_output_dir(folder: str, exists: str = "error") -> None:
+    """The output folder must be new, empty, or a run folder of rose-pl; anything else is refused unchanged unless
+    `exists == "ok"`. Then it must be writable."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{folder} is a file, not a folder")
+    if path.is_dir() and exists != "ok" and any(path.iterdir()) and not is_run_folder(path):
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        raise ConfigError(f"{folder} is not empty and is not a rose-pl run folder (it holds {shown}); nothing in it "
+                          "was changed. Give a new or empty folder, or add `--output_dir_exists ok` to write the run "
+                          "into it anyway (files with the run's names, e.g. run.json and compare.md, are replaced)")
+    check_writable(folder)
+
+
 def test_set_reading(path: str, preference: PreferenceArgs) -> tuple:
     """(shots_per_task, preference settings) to read a preference test file with: one task for a ROSE JSON object
     (a test set's tasks do not change its metrics), and all_pairs only where the file's form has pairs to expand."""
@@ -83,7 +107,7 @@ def check_run_inputs(args: RunArgs) -> list:
 
         _collect(problems, f"targets.{name}.test", test)
     _collect(problems, "model", lambda: check_model_source(args.model))
-    _collect(problems, "output_dir", lambda: check_writable(args.output_dir))
+    _collect(problems, "output_dir", lambda: check_output_dir(args.output_dir, args.output_dir_exists))
     if problems:
         raise ConfigError(problems)
     log.info("inputs checked in %.1f s", time.perf_counter() - start)

@@ -22,6 +22,7 @@ from rose_pl.errors import ConfigError
 from rose_pl.files import file_digest
 from rose_pl.layout import BASE, RunLayout
 from rose_pl.pipeline.lightning import run_lightning
+from rose_pl.pipeline.records import Records
 from rose_pl.pipeline.stages import RunManifest, Stage, run_stages
 from rose_pl.selection.methods import (
     FeatureSpec,
@@ -66,8 +67,14 @@ class Pipeline:
     def _scoring_mode(self) -> str:
         if self.a.scoring != "auto":
             return self.a.scoring
-        recorded = RunManifest(self.layout.root).data.get("scoring") if self.layout.manifest.is_file() else None
-        return recorded or "exact"  # a new run knows all its targets now; an old one keeps its mode
+        # A run keeps the mode it was created with, read from what it has computed; a new run knows its targets now.
+        names = list(Records(self.layout.root).all())
+        if any("/exact/" in n or "/means/" in n for n in names):
+            return "exact"
+        if any(n.startswith("features/train/") for n in names):
+            return "projected"
+        legacy = RunManifest(self.layout.root)
+        return legacy.data.get("scoring") or "exact"
 
     @cached_property
     def digests(self) -> dict[str, str]:
@@ -194,13 +201,24 @@ class Pipeline:
     def _lightning_stage(self, name: str, command: str, config: dict, data_file: str, outputs: list[Path],
                          depends: list[str], resume: Path | None = None, report=None) -> Stage:
         single = config["trainer"]["devices"] == 1 and config["trainer"]["num_nodes"] == 1
+        stage = Stage(name, {"yaml": self._portable(_without_hardware(config) if command == "predict" else config),
+                             "data": self.digests[data_file]}, depends=depends,
+                      outputs=[self.layout.relative(o) for o in outputs], report=report)
+        stage.action = lambda: run_lightning(command, self.recorded(config, [stage]), self.layout.stage_config(name),
+                                             subprocess_run=self.a.trainer.multi_process() and not single,
+                                             resume=resume)
+        return stage
 
-        def action():
-            run_lightning(command, config, self.layout.stage_config(name),
-                          subprocess_run=self.a.trainer.multi_process() and not single, resume=resume)
-
-        return Stage(name, {"yaml": self._portable(config), "data": self.digests[data_file]}, action, depends=depends,
-                     outputs=[self.layout.relative(o) for o in outputs], report=report)
+    def recorded(self, config: dict, stages: list[Stage]) -> dict:
+        """`config` with the StageRecorder that records `stages` when the Lightning run ends (so the YAML also
+        counts when it is run by hand)."""
+        recorder = {"class_path": "rose_pl.pipeline.records.StageRecorder",
+                    "init_args": {"run_dir": str(self.layout.root),
+                                  "stages": [{"name": s.name, "fingerprint": s.fingerprint, "outputs": s.outputs}
+                                             for s in stages]}}
+        trainer = dict(config["trainer"])
+        trainer["callbacks"] = [*trainer.get("callbacks", []), recorder]
+        return {**config, "trainer": trainer}
 
     def _portable(self, value):
         """`value` with this run's folder written as "<run>": a run folder moved or copied keeps its fingerprints."""
@@ -256,7 +274,7 @@ class Pipeline:
                 name = f"exact/{'+'.join(names)}/epoch-{epoch}"
                 config = self.predict_config(name, train.module, self.layout.checkpoint(epoch), self._data("sft", None),
                                              callbacks)
-                run_lightning("predict", config, self.layout.stage_config(name),
+                run_lightning("predict", self.recorded(config, batch), self.layout.stage_config(name),
                               subprocess_run=self.a.trainer.multi_process())
 
             for t in targets:
@@ -264,7 +282,8 @@ class Pipeline:
                 probe = self.predict_config(f"exact/{t}", train.module, self.layout.checkpoint(epoch),
                                             self._data("sft", None), [])
                 config = {"target": t, "pool": self.digests[self.a.pool], "module": self._portable(probe["model"]),
-                          "data": probe["data"], "means_dtype": self.a.features.means_dtype}
+                          "data": probe["data"], "means_dtype": self.a.features.means_dtype,
+                          "precision": self.a.trainer.precision}
                 stages.append(Stage(f"targets/{t}/exact/epoch-{epoch}", config, depends=["warmup", *means[t][epoch]],
                                     outputs=[self.layout.relative(out)], group=f"exact/epoch-{epoch}",
                                     group_action=run_pass, report=lambda out=out: _store_figures(out)))
@@ -399,15 +418,23 @@ class Pipeline:
         write_comparison(self.a, list(self.methods), self.scoring)
 
     def run(self) -> dict[str, str]:
+        """Run (or resume) the stages; the caller holds the run's lock."""
         from rose_pl.console import stage_log
 
-        def record(manifest: RunManifest) -> None:
-            # Only once the configuration is accepted: a refused change must not change the recorded mode.
-            manifest.set("scoring", self.scoring)
-            manifest.set("targets", {n: asdict(t) for n, t in self.targets.items()})
+        def record(manifest: RunManifest, plan) -> None:
+            # Only once the plan is accepted: a refused change must not change what run.json says.
+            manifest.data["scoring"] = self.scoring
+            manifest.data["targets"] = {n: asdict(t) for n, t in self.targets.items()}
 
         return run_stages(self.layout.root, self.stages(), on_change=self.a.on_change, before=record,
                           context=lambda stage: stage_log(self.layout.stage_log(stage.name)))
+
+
+def _without_hardware(config: dict) -> dict:
+    """A predict stage's config less where it runs (devices, nodes, strategy): its outputs do not depend on it
+    (tested: DDP equals one process), so a run may continue on other hardware without redoing it."""
+    trainer = {k: v for k, v in config["trainer"].items() if k not in ("accelerator", "devices", "num_nodes", "strategy")}
+    return {**config, "trainer": trainer}
 
 
 # ---- figures recorded in run.json ---------------------------------------------------------------------
@@ -452,15 +479,42 @@ def _evaluation_figures(path: Path) -> dict:
 
 
 def run(args: RunArgs) -> dict[str, str]:
-    """Check the arguments and every input, then run (or resume) the stages; returns {stage: ran|skipped}."""
-    from rose_pl.pipeline.inputs import check_run_inputs
+    """Check the arguments and every input, lock the output folder, then run (or resume) the stages; returns
+    {stage: ran|skipped}."""
+    from rose_pl.pipeline.inputs import check_output_dir, check_run_inputs
+    from rose_pl.pipeline.lock import RunLock
+    from rose_pl.pipeline.summary import save_summary
 
     problems = args.validate()
     if problems:
         raise ConfigError(problems)
-    pool = check_run_inputs(args)
-    pipeline = Pipeline(args, pool=pool)
-    done = pipeline.run()
+    check_output_dir(args.output_dir, args.output_dir_exists)  # before the lock file is created in it
+    with RunLock(args.output_dir):
+        pool = check_run_inputs(args)
+        pipeline = Pipeline(args, pool=pool)
+        done = pipeline.run()
+        save_summary(args, done)
     log.info("run complete: %d stages ran, %d skipped", sum(v == "ran" for v in done.values()),
              sum(v == "skipped" for v in done.values()))
     return done
+
+
+def verify_run(args: RunArgs) -> str:
+    """`run --verify`: what a rerun with `args` would do to the run folder, and why; changes nothing."""
+    from rose_pl.pipeline.lock import RunLock
+    from rose_pl.pipeline.stages import describe, plan
+
+    problems = args.validate()
+    if problems:
+        raise ConfigError(problems)
+    layout = RunLayout(args.output_dir)
+    if not layout.root.is_dir():
+        return f"{layout.root}: no such folder; a run would start it from scratch"
+    lock = RunLock(layout.root)
+    head = [f"{layout.root}: a run is working in it now ({lock.describe_holder()}); what follows may be changing"] \
+        if lock.is_held() else []
+    the_plan = plan(layout.root, Pipeline(args).stages())
+    stale = the_plan.of("stale")
+    tail = [f"stale stages need `--on_change redo` (or a new output_dir): {', '.join(stale)}"] if stale else []
+    return "\n".join([*head, f"{layout.root}: checked {len(the_plan.stages)} stages against their records",
+                      describe(the_plan), *tail])

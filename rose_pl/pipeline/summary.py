@@ -73,10 +73,16 @@ def render(summary: dict, rerun: str) -> str:
     return "\n".join(lines)
 
 
-def print_summary(args: RunArgs, done: dict[str, str], argv: list[str] | None = None, stream=None) -> dict:
-    """Print the summary (and the comparison table) and save it in run.json; returns it."""
+def save_summary(args: RunArgs, done: dict[str, str]) -> dict:
+    """Collect the summary and save it in run.json (by the process that holds the run's lock); returns it."""
     summary = collect(args, done)
     RunManifest(args.output_dir).set("summary", summary)
+    return summary
+
+
+def print_summary(args: RunArgs, done: dict[str, str], argv: list[str] | None = None, stream=None) -> dict:
+    """Print the summary (and the comparison table) as the run saved it; returns it."""
+    summary = RunManifest(args.output_dir).data.get("summary") or collect(args, done)
     rerun = "rose-pl run " + " ".join(argv) if argv else f"rose-pl run --output_dir {args.output_dir} ..."
     stream = stream or sys.stdout
     if summary["comparison"]:

@@ -55,7 +55,14 @@ def budget(num_rows: int, *, fraction: float | None = DEFAULT_FRACTION, k: int |
     if k is not None:
         return int(k)
     # Round p*N before ceil so that e.g. 0.07 * 100 = 7.000000000000001 does not become 8.
-    return int(min(num_rows, max(1, math.ceil(round(float(fraction) * num_rows, 9)))))
+    asked = round(float(fraction) * num_rows, 9)
+    rows = int(min(num_rows, max(1, math.ceil(asked))))
+    if rows > 1.1 * asked:
+        log.warning("fraction %s of %d rows is %.3g rows: selecting %d (%.3g%% of the pool); set k for an exact count",
+                    fraction, num_rows, asked, rows, 100.0 * rows / num_rows)
+    elif rows != asked:
+        log.info("fraction %s of %d rows is %.6g rows: selecting %d", fraction, num_rows, asked, rows)
+    return rows
 
 
 def rank(scores: np.ndarray, *, seed: int = 0) -> np.ndarray:
