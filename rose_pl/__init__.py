@@ -63,6 +63,7 @@ _EXPORTS = {
     "ScoringContext": "rose_pl.selection.methods",
     "register_method": "rose_pl.selection.methods",
     "select": "rose_pl.selection.select",
+    "write_selection": "rose_pl.selection.select",
     # evaluation
     "evaluate_model": "rose_pl.evaluation.evaluate",
     # pipeline

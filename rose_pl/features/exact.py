@@ -79,7 +79,8 @@ class TaskMeanWriter(BasePredictionWriter):
                       {k: TASK_MEMBERS[k] for k in ("fingerprint", "task_ids")})
         dm.setup("predict")
         if dm.task_ids is None:
-            raise ConfigError("TaskMeanWriter: the datamodule's rows carry no task ids (use a preference set)")
+            raise ConfigError("TaskMeanWriter needs the task of every row, and the datamodule has task_ids None "
+                              "(IndexedData(..., task_ids=[...]), or a FeatureDataModule on a preference set)")
         self.output_dir = FeatureStoreWriter._fill(self.output_dir, pl_module.feature_metadata())
         self.tasks = sorted(set(dm.task_ids))
         position = {t: i for i, t in enumerate(self.tasks)}
