@@ -254,5 +254,9 @@ def run_argv(argv: list[str]) -> dict[str, str]:
         print(verify_run(run_args))
         return {}
     done = run(run_args)
-    print_summary(run_args, done, argv)
+    if done:
+        print_summary(run_args, done, argv)
+    else:  # a node other than node 0 of a multi-node run
+        print(f"this node followed node 0's stages; the run's summary is printed by node 0 and saved in "
+              f"{run_args.output_dir}/run.json")
     return done

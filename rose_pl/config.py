@@ -127,13 +127,23 @@ class TrainerArgs:
     strategy: str = "auto"
     """auto, ddp, fsdp (GPU; training stages only), deepspeed..."""
     num_nodes: int = 1
-    """Number of nodes (launched by your cluster's launcher, e.g. srun / torchrun)."""
+    """Number of nodes. Start `rose-pl run` once per node (srun --ntasks-per-node=1, torchrun --nnodes N
+    --nproc_per_node 1, or MASTER_ADDR, MASTER_PORT and NODE_RANK on each node); node 0 coordinates."""
     precision: str = "32-true"
     """32-true, bf16-mixed, bf16-true..."""
+    timeout: int = 1800
+    """Seconds a DDP collective may wait for the other ranks before the stage stops with an error."""
+    node_timeout: int = 300
+    """Several nodes: seconds a node may go silent (no heartbeat), or take to start, before the others stop with an
+    error naming it and the stage."""
 
     def multi_process(self) -> bool:
         """Several processes are launched by Lightning itself: run such stages as subprocesses."""
         return self.num_nodes > 1 or str(self.devices) != "1"
+
+    def validate(self) -> list[str]:
+        return positive_int("num_nodes", self.num_nodes) + positive_int("timeout", self.timeout) + positive_int(
+            "node_timeout", self.node_timeout)
 
 
 @dataclass
@@ -462,8 +472,5 @@ class RunArgs:
         problems += positive_int("evaluation.batch_size", self.evaluation.batch_size)
         if self.evaluation.judge is not None:
             problems += _prefixed("evaluation.judge", self.evaluation.judge.validate(self.data.max_seq_length))
-        if self.trainer.num_nodes != 1:
-            problems.append("trainer.num_nodes: run drives the stages of one node (several devices on it are fine); "
-                            "on several nodes, run each stage with the configs of configs/ under your launcher "
-                            "(README: Each stage alone)")
+        problems += _prefixed("trainer", self.trainer.validate())
         return problems

@@ -92,19 +92,39 @@ class Progress:
         self.close()
 
 
-def _rows_total(loaders) -> int | None:
-    """Rows one rank will see: the sum of its loaders' sampler lengths (None when unknown)."""
+def _sampler_of(loader):
+    """The index sampler under a loader, through Lightning's batch-sampler wrappers."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    while batch_sampler is not None and not hasattr(batch_sampler, "sampler") and hasattr(batch_sampler, "_batch_sampler"):
+        batch_sampler = batch_sampler._batch_sampler
+    if batch_sampler is not None and hasattr(batch_sampler, "sampler"):
+        return batch_sampler.sampler
+    return getattr(loader, "sampler", None)
+
+
+def _shares(loaders, world: int) -> tuple[int, int] | None:
+    """(rows this rank will see, rows all ranks see together) of its loaders, None when unknown.
+
+    Under DDP the rank's sampler is a distributed sampler over the original one (Lightning wraps it): its length
+    is the rank's share and the length of what it samples is the whole. Without one, every rank sees it all."""
+    from torch.utils.data import DistributedSampler
+
     if loaders is None:
         return None
     if not isinstance(loaders, (list, tuple)):
         loaders = [loaders]
-    total = 0
+    mine = total = 0
     for loader in loaders:
-        sampler = getattr(loader, "sampler", None)
+        sampler = _sampler_of(loader)
         if sampler is None or not hasattr(sampler, "__len__"):
             return None
-        total += len(sampler)
-    return total
+        rows = len(sampler)
+        whole = getattr(sampler, "dataset", None)
+        if isinstance(sampler, DistributedSampler) and whole is not None and hasattr(whole, "__len__"):
+            mine, total = mine + rows, total + len(whole)
+        else:
+            mine, total = mine + rows, total + rows * (1 if world == 1 else world)
+    return mine, total
 
 
 def _batch_rows(batch) -> int:
@@ -116,7 +136,10 @@ def _batch_rows(batch) -> int:
 
 
 class ProgressCallback(pl.Callback):
-    """Rows per second and ETA of fit epochs and predict passes (rank 0 reports all ranks' rows).
+    """Rows per second and ETA of fit epochs and predict passes: one line from rank 0, with the global count.
+
+    Ranks run in step, so all ranks' rows are estimated from rank 0's share: rank 0's rows done times
+    (all rows / rank 0's rows). The count reaches 100% when rank 0 is done, and the ETA is rank 0's.
 
     Replaces Lightning's own bar (set `enable_progress_bar: false`): this one counts rows, not batches, and
     keeps writing lines when there is no terminal.
@@ -134,13 +157,20 @@ class ProgressCallback(pl.Callback):
     def _start(self, trainer: pl.Trainer, desc: str, loaders) -> None:
         if not trainer.is_global_zero:
             return
-        total = _rows_total(loaders)
-        total = total * trainer.world_size if total is not None else None
-        self._progress = Progress(total, desc, every_percent=self.every_percent, every_seconds=self.every_seconds)
+        shares = _shares(loaders, trainer.world_size)
+        self._scale = shares[1] / shares[0] if shares and shares[0] else float(trainer.world_size)
+        self._mine, self._counted = 0, 0
+        self._progress = Progress(shares[1] if shares else None, desc, every_percent=self.every_percent,
+                                  every_seconds=self.every_seconds)
 
     def _step(self, trainer: pl.Trainer, batch) -> None:
         if self._progress is not None:
-            self._progress.update(_batch_rows(batch) * trainer.world_size)
+            self._mine += _batch_rows(batch)
+            estimate = round(self._mine * self._scale)
+            if self._progress.total is not None:
+                estimate = min(estimate, self._progress.total)
+            self._progress.update(estimate - self._counted)
+            self._counted = estimate
 
     def _stop(self) -> None:
         if self._progress is not None:

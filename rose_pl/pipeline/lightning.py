@@ -93,18 +93,28 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
 
 
 def run_lightning(command: str, config: dict, config_file: Path, *, subprocess_run: bool = False,
-                  resume: Path | None = None) -> None:
-    """Write `config` to `config_file`, then run `rose-pl <command> --config <file>` here or as a subprocess."""
+                  resume: Path | None = None, nodes=None, everywhere: bool = False, stage: str = "") -> None:
+    """Write `config` to `config_file`, then run `rose-pl <command> --config <file>`: in this process, as a
+    subprocess (several devices: Lightning's launcher starts the ranks), or, with `nodes` (a NodeGroup, several
+    nodes), on every node at once (`everywhere`) or as a subprocess of this node only."""
+    import os
+
+    from rose_pl.console import LOG_FILE_ENV
+    from rose_pl.files import atomic_write_text
+    from rose_pl.pipeline.nodes import stage_env
+
     if command not in LIGHTNING_COMMANDS:
         raise ValueError(f"unknown Lightning command {command!r}")
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(config_file, yaml.safe_dump(config, sort_keys=False))
     args = [command, "--config", str(config_file)]
     if resume is not None and resume.is_file():
         log.info("resuming from %s", resume)
         args += ["--ckpt_path", str(resume)]
-    if subprocess_run:
-        result = subprocess.run([sys.executable, "-m", "rose_pl", *args])
+    if nodes is not None and everywhere:
+        nodes.run_everywhere(stage, args, os.environ.get(LOG_FILE_ENV))
+    elif subprocess_run or nodes is not None:
+        # The launcher's variables (srun, torchrun) are removed: Lightning then starts the stage's ranks itself.
+        result = subprocess.run([sys.executable, "-m", "rose_pl", *args], env=stage_env())
         if result.returncode != 0:
             raise StageFailedError(f"`rose-pl {' '.join(args)}` exited with code {result.returncode} (its output "
                                    "above says why); rerun the same command to resume")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 
@@ -43,9 +44,11 @@ SHARDING = ("fsdp", "deepspeed")
 class Pipeline:
     """The stage graph of one run, built from its arguments."""
 
-    def __init__(self, args: RunArgs, pool=None):
-        """`pool`: the pool's rows if they were read already (by the input checks)."""
+    def __init__(self, args: RunArgs, pool=None, nodes=None):
+        """`pool`: the pool's rows if they were read already (by the input checks); `nodes`: the NodeGroup when the
+        run spans several nodes (this process is node 0)."""
         self.a = args
+        self.nodes = nodes
         self._validation: dict[str, list] = {}
         if pool is not None:
             self.__dict__["pool"] = pool  # what the cached_property would read
@@ -126,6 +129,9 @@ class Pipeline:
             strategy = "ddp"  # gradient passes need the whole model on every rank; training may shard
         if single:  # a few validation rows: one device (Lightning needs a row per rank)
             strategy, devices, nodes = "auto", 1, 1
+        elif strategy == "ddp" and t.multi_process():  # its timeout bounds how long a rank waits for a lost peer
+            strategy = {"class_path": "lightning.pytorch.strategies.DDPStrategy",
+                        "init_args": {"timeout": str(timedelta(seconds=t.timeout))}}
         cfg = {
             "accelerator": t.accelerator, "devices": devices, "strategy": strategy, "num_nodes": nodes,
             "precision": t.precision, "default_root_dir": str(stage_dir), "enable_model_summary": False,
@@ -201,12 +207,12 @@ class Pipeline:
     def _lightning_stage(self, name: str, command: str, config: dict, data_file: str, outputs: list[Path],
                          depends: list[str], resume: Path | None = None, report=None) -> Stage:
         single = config["trainer"]["devices"] == 1 and config["trainer"]["num_nodes"] == 1
-        stage = Stage(name, {"yaml": self._portable(_without_hardware(config) if command == "predict" else config),
+        stage = Stage(name, {"yaml": self._portable(_fingerprinted(config, command)),
                              "data": self.digests[data_file]}, depends=depends,
                       outputs=[self.layout.relative(o) for o in outputs], report=report)
         stage.action = lambda: run_lightning(command, self.recorded(config, [stage]), self.layout.stage_config(name),
                                              subprocess_run=self.a.trainer.multi_process() and not single,
-                                             resume=resume)
+                                             resume=resume, nodes=self.nodes, everywhere=not single, stage=name)
         return stage
 
     def recorded(self, config: dict, stages: list[Stage]) -> dict:
@@ -275,7 +281,8 @@ class Pipeline:
                 config = self.predict_config(name, train.module, self.layout.checkpoint(epoch), self._data("sft", None),
                                              callbacks)
                 run_lightning("predict", self.recorded(config, batch), self.layout.stage_config(name),
-                              subprocess_run=self.a.trainer.multi_process())
+                              subprocess_run=self.a.trainer.multi_process(), nodes=self.nodes, everywhere=True,
+                              stage=name)
 
             for t in targets:
                 out = self.layout.exact(t, epoch)
@@ -430,10 +437,15 @@ class Pipeline:
                           context=lambda stage: stage_log(self.layout.stage_log(stage.name)))
 
 
-def _without_hardware(config: dict) -> dict:
-    """A predict stage's config less where it runs (devices, nodes, strategy): its outputs do not depend on it
-    (tested: DDP equals one process), so a run may continue on other hardware without redoing it."""
-    trainer = {k: v for k, v in config["trainer"].items() if k not in ("accelerator", "devices", "num_nodes", "strategy")}
+def _fingerprinted(config: dict, command: str) -> dict:
+    """What of a Lightning stage's config defines its outputs. A predict stage's outputs do not depend on where it
+    runs (tested: DDP equals one process): devices, nodes and strategy are left out, so a run may continue on other
+    hardware. A training stage keeps them (they change the batches), less the collectives' timeout."""
+    trainer = dict(config["trainer"])
+    if command == "predict":
+        trainer = {k: v for k, v in trainer.items() if k not in ("accelerator", "devices", "num_nodes", "strategy")}
+    elif isinstance(trainer.get("strategy"), dict):
+        trainer["strategy"] = trainer["strategy"]["class_path"]
     return {**config, "trainer": trainer}
 
 
@@ -480,23 +492,92 @@ def _evaluation_figures(path: Path) -> dict:
 
 def run(args: RunArgs) -> dict[str, str]:
     """Check the arguments and every input, lock the output folder, then run (or resume) the stages; returns
-    {stage: ran|skipped}."""
-    from rose_pl.pipeline.inputs import check_output_dir, check_run_inputs
-    from rose_pl.pipeline.lock import RunLock
-    from rose_pl.pipeline.summary import save_summary
+    {stage: ran|skipped} (on node 0 of several; {} on the other nodes, which follow node 0's steps)."""
+    from rose_pl.pipeline.nodes import NodeGroup, detect_cluster
 
     problems = args.validate()
     if problems:
         raise ConfigError(problems)
+    cluster = detect_cluster(args.trainer.num_nodes)
+    if cluster is None:
+        return _run_here(args)
+    group = NodeGroup(cluster, args.trainer.node_timeout)
+    try:
+        if cluster.node_rank != 0:
+            group.hello(node_facts(args))
+            group.check_shared_storage(args.output_dir)
+            group.follow()
+            return {}
+        return _coordinate(args, group)
+    finally:
+        group.close()
+
+
+def _run_here(args: RunArgs, nodes=None) -> dict[str, str]:
+    from rose_pl.pipeline.inputs import check_output_dir, check_run_inputs
+    from rose_pl.pipeline.lock import RunLock
+    from rose_pl.pipeline.summary import save_summary
+
     check_output_dir(args.output_dir, args.output_dir_exists)  # before the lock file is created in it
     with RunLock(args.output_dir):
+        if nodes is not None:
+            nodes.check_shared_storage(args.output_dir)
         pool = check_run_inputs(args)
-        pipeline = Pipeline(args, pool=pool)
+        pipeline = Pipeline(args, pool=pool, nodes=nodes)
         done = pipeline.run()
         save_summary(args, done)
     log.info("run complete: %d stages ran, %d skipped", sum(v == "ran" for v in done.values()),
              sum(v == "skipped" for v in done.values()))
     return done
+
+
+def node_facts(args: RunArgs) -> dict:
+    """What a node sees that every node must see alike: the configuration, the input files, the model."""
+    from rose_pl.hub import check_model_source
+    from rose_pl.pipeline.stages import fingerprint
+
+    files = {args.pool} | {t.validation for t in args.all_targets().values()}
+    files |= {t.test for t in args.all_targets().values() if t.test}
+    try:
+        check_model_source(args.model)
+        model = None
+    except ConfigError as e:
+        model = "; ".join(e.problems)
+    # The output folder is left out: whether every node sees the same one is the shared-storage check's to say.
+    settings = {k: v for k, v in asdict(args).items() if k != "output_dir"}
+    return {"config": fingerprint(settings), "model": model,
+            "inputs": {f: Path(f).stat().st_size if Path(f).exists() else None for f in sorted(files)}}
+
+
+def _coordinate(args: RunArgs, nodes) -> dict[str, str]:
+    """Node 0 of several: check that every node sees the same run, then run it, publishing the multi-node stages."""
+    ok, message = False, "node 0 stopped"
+    try:
+        mine = node_facts(args)
+        nodes.hello(mine)
+        problems = []
+        for rank, theirs in sorted(nodes.gather_hellos().items()):
+            where = f"node {rank} ({theirs['host']})"
+            if theirs["config"] != mine["config"]:
+                problems.append(f"{where} runs another configuration: start every node with the same command and "
+                                "config files")
+            if theirs["model"]:
+                problems.append(f"{where}: model: {theirs['model']}")
+            for path, size in mine["inputs"].items():
+                if theirs["inputs"].get(path) != size:
+                    seen = theirs["inputs"].get(path)
+                    problems.append(f"{where}: {path} " + ("does not exist there" if seen is None else
+                                                           f"has {seen} bytes there, {size} on node 0"))
+        if problems:
+            raise ConfigError(problems)
+        done = _run_here(args, nodes)
+        ok, message = True, ""
+        return done
+    except BaseException as e:
+        message = f"{type(e).__name__}: {str(e).strip()}"[:2000]
+        raise
+    finally:
+        nodes.finish(ok, message)
 
 
 def verify_run(args: RunArgs) -> str:
