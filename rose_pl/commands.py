@@ -11,16 +11,16 @@ import logging
 from pathlib import Path
 from typing import Literal, Union
 
-from rose_pl.config import DEFAULT_MODEL, JudgeArgs, PreferenceArgs
+from rose_pl.config import DEFAULT_MODEL, Dataset, JudgeArgs, PreferenceArgs, dataset_spec
 from rose_pl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 def score(
-    pool: str,
+    pool: Dataset,
     output: str,
-    validation_data: str | None = None,
+    validation_data: Dataset | None = None,
     shots_per_task: Union[int, Literal["all"], None] = None,
     train: list[str] | None = None,
     val: list[str] | None = None,
@@ -39,7 +39,8 @@ def score(
     the task ids) or exact score stores (`exact`, one per checkpoint, and the validation `side` to score).
 
     Args:
-        pool: The pool file the stores were computed from (ids of the scored rows).
+        pool: The pool the stores were computed from (a file, a Parquet or saved dataset folder, a hub id, or
+            {path, split, subset, revision, columns}): the ids of the scored rows.
         output: Folder for the scores.
         validation_data: Projected: the validation file the val stores were computed from (its task ids).
         shots_per_task: ROSE JSON validation files: row i belongs to task i // shots_per_task ('all': one task).
@@ -54,7 +55,8 @@ def score(
         on_invalid_pair: Validation pairs with an empty side or chosen == rejected: error, or drop (as the run did).
         all_pairs: ROSE JSON validation files: one pair per [winner, loser] index pair (as the run did).
     """
-    from rose_pl.data.formats import read_instructions, read_preferences
+    from rose_pl.data.formats import read_preferences
+    from rose_pl.data.table import pool_identity
     from rose_pl.selection.influence import DEFAULT_BLOCK_SIZE, exact_scores, save_scores, score_stores
 
     projected = train is not None or val is not None
@@ -66,25 +68,25 @@ def score(
         problems.append("projected scoring needs train, val and validation_data")
     if problems:
         raise ConfigError(problems)
-    examples = read_instructions(pool, duplicate_ids)
+    table = pool_identity(pool, duplicate_ids)
     if projected:
         task_ids = [v.task for v in read_preferences(validation_data, shots_per_task, all_pairs,
                                                      on_invalid_pair=on_invalid_pair)]
         result = score_stores(train, val, task_ids, weights, block_size=block_size or DEFAULT_BLOCK_SIZE, device=device)
     else:
         result = exact_scores(exact, side, weights, block_size=block_size or DEFAULT_BLOCK_SIZE)
-    if result.num_rows != len(examples):
-        raise ConfigError(f"{pool}: {len(examples)} rows but the stores hold {result.num_rows}: another pool, or "
-                          "another duplicate_ids setting than the stores were computed with?")
-    save_scores(output, result, [e.id for e in examples], [e.dataset for e in examples],
-                meta={"pool": pool, "validation": validation_data, "train": train, "val": val, "exact": exact,
-                      "side": side if exact else None})
+    if result.num_rows != table.num_rows:
+        raise ConfigError(f"{table.name}: {table.num_rows} rows but the stores hold {result.num_rows}: another pool, "
+                          "or another duplicate_ids setting than the stores were computed with?")
+    save_scores(output, result, table.ids, (table.dataset_codes, table.dataset_names),
+                meta={"pool": table.name, "validation": None if validation_data is None else dataset_spec(
+                    validation_data).name, "train": train, "val": val, "exact": exact, "side": side if exact else None})
     log.info("scores written to %s", output)
 
 
 def select(
     scores: str,
-    pool: str,
+    pool: Dataset,
     output_dir: str,
     fraction: float | None = 0.05,
     k: int | None = None,
@@ -92,11 +94,12 @@ def select(
     report: bool = True,
     duplicate_ids: Literal["error", "rename"] = "error",
 ) -> None:
-    """Keep the top of the pool by score and write it as JSONL in the pool's own format, plus a report.
+    """Keep the top of the pool by score and write it in the pool's own format (JSONL lines unchanged, Parquet, or a
+    saved dataset), plus a report. Only the selected rows and the report's examples are read from the pool.
 
     Args:
         scores: Folder written by `score`.
-        pool: The pool file the scores belong to.
+        pool: The pool the scores belong to (any dataset source, as for `score`).
         output_dir: Folder for selected.jsonl, selection.json and the report.
         fraction: Fraction of the pool to keep (ignored when k is given).
         k: Keep exactly k examples.
@@ -104,20 +107,25 @@ def select(
         report: Also write report.md and plots.
         duplicate_ids: Pool rows that repeat an id: error, or rename them as the scoring did.
     """
-    from rose_pl.data.formats import read_instructions
+    from rose_pl.data.sources import open_source
+    from rose_pl.data.table import PoolTable, pool_identity
     from rose_pl.selection.influence import load_scores
     from rose_pl.selection.select import select_and_write
 
     saved = load_scores(scores)
-    examples = read_instructions(pool, duplicate_ids)
-    if [e.id for e in examples] != list(saved.ids):
-        raise ConfigError(f"{scores}: the scored ids are not the rows of {pool} (different file or order)")
-    select_and_write(Path(output_dir), saved.result, examples, source=pool, fraction=fraction, k=k, seed=seed,
+    source = open_source(pool)
+    if len(source) != saved.result.num_rows:
+        raise ConfigError(f"{scores}: {saved.result.num_rows} scored rows, but {source.name} has {len(source)}: "
+                          "another pool than the one scored")
+    table = PoolTable(saved.ids, saved.dataset_codes, saved.dataset_names, source)
+    if pool_identity(pool, duplicate_ids).ids != saved.ids:
+        raise ConfigError(f"{scores}: the scored ids are not the rows of {source.name} (different data or order)")
+    select_and_write(Path(output_dir), saved.result, table, source=source.name, fraction=fraction, k=k, seed=seed,
                      title=f"Selection from {scores}", report=report)
 
 
 def evaluate(
-    data: str,
+    data: Dataset,
     output: str,
     model: str = DEFAULT_MODEL,
     adapter: str | None = None,

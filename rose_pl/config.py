@@ -115,6 +115,57 @@ def _registered(registry, name: str, value: str) -> list[str]:
     return []
 
 
+# ---------------------------------------------------------------- datasets
+COLUMN_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected", "task", "id", "dataset", "golden_answer",
+                 "role", "content")
+"""rose_pl's names for the columns (and message keys) a dataset may call otherwise (`DatasetSpec.columns`)."""
+
+
+@dataclass
+class DatasetSpec:
+    """A dataset: a JSONL/JSON file, a Parquet file or folder, a `save_to_disk` folder, or a Hugging Face hub id."""
+
+    path: str
+    """File, folder or hub id (org/name)."""
+    split: str | None = None
+    """Split of a hub dataset or of a saved DatasetDict (default: train)."""
+    subset: str | None = None
+    """Configuration (subset) name of a hub dataset."""
+    revision: str | None = None
+    """Git revision (branch, tag or commit) of a hub dataset."""
+    columns: dict[str, str] | None = None
+    """The dataset's names for rose_pl's columns, e.g. {messages: conversations, prompt: instruction,
+    completion: output, chosen: chosen, rejected: rejected, task: category, id: uid, dataset: source};
+    role/content name the keys inside each message."""
+
+    def validate(self) -> list[str]:
+        problems = [] if isinstance(self.path, str) and self.path else [f"path: {self.path!r} is empty"]
+        unknown = sorted(set(self.columns or {}) - set(COLUMN_FIELDS))
+        if unknown:
+            problems.append(f"columns: {unknown} are not rose_pl columns ({', '.join(COLUMN_FIELDS)})")
+        return problems
+
+    @property
+    def name(self) -> str:
+        """How messages name it: the path, with the split of a hub dataset."""
+        extra = [f"{k}={v}" for k, v in (("subset", self.subset), ("split", self.split), ("revision", self.revision))
+                 if v]
+        return self.path + (f" ({', '.join(extra)})" if extra else "")
+
+
+Dataset = Union[str, DatasetSpec]
+"""Where a config names a dataset: a path or hub id, or a DatasetSpec with its options."""
+
+
+def dataset_spec(value: Dataset) -> DatasetSpec:
+    """A DatasetSpec for a path or a spec (a dict from YAML is accepted too)."""
+    if isinstance(value, DatasetSpec):
+        return value
+    if isinstance(value, dict):
+        return DatasetSpec(**value)
+    return DatasetSpec(str(value))
+
+
 # ---------------------------------------------------------------- the run's groups
 @dataclass
 class TrainerArgs:
@@ -203,9 +254,11 @@ class DataArgs:
     never selected) or stop with an error."""
     duplicate_ids: Literal["error", "rename"] = "error"
     """Rows that repeat an id: error, or rename the repeats to id#2, id#3... (logged)."""
+    num_proc: int = 1
+    """Processes that read and tokenize the pool when its token cache is built (once per run)."""
 
     def validate(self) -> list[str]:
-        return positive_int("max_seq_length", self.max_seq_length) + _registered(
+        return positive_int("max_seq_length", self.max_seq_length) + positive_int("num_proc", self.num_proc) + _registered(
             CHAT_TEMPLATES, "chat_template", self.chat_template)
 
 
@@ -249,6 +302,10 @@ class FeatureArgs:
     """At most this many tokens per forward and backward of a gradient stage (rows x padded length; a pair counts
     both sides): long rows are split into several passes of a batch. Activation memory grows with it (about 2 GB
     per 1024 tokens for SmolLM2-135M on CPU). None: the whole batch at once."""
+    max_tokens_per_batch: int | None = None
+    """Pack the gradient passes' batches by tokens instead of rows: length-sorted rows go together while rows x the
+    longest row (both sides of a pair) stays within it (batch_size caps the rows); batches are dealt to ranks in turn,
+    so ranks get even work when row lengths vary widely. None: batch_size rows a batch. Features do not change."""
     store_dtype: Literal["float16", "float32"] = "float16"
     """dtype of stored projected features."""
     beta: float = 0.1
@@ -268,6 +325,8 @@ class FeatureArgs:
         problems += _dtype("dtype", self.dtype) + _dtype("compute_dtype", self.compute_dtype, allow_none=True)
         if self.max_tokens_per_pass is not None:
             problems += positive_int("max_tokens_per_pass", self.max_tokens_per_pass)
+        if self.max_tokens_per_batch is not None:
+            problems += positive_int("max_tokens_per_batch", self.max_tokens_per_batch)
         if not self.beta > 0:
             problems.append(f"beta must be positive, got {self.beta}")
         return problems
@@ -364,13 +423,14 @@ class EvalArgs:
 class TargetArgs:
     """One target task: its few-shot validation pairs, and optionally a test set and its own budget."""
 
-    validation: str
-    """Few-shot preference validation set (ROSE JSON object, or JSONL/JSON rows with a task field)."""
+    validation: Dataset
+    """Few-shot preference validation set: a ROSE JSON object, or rows with prompt, chosen, rejected and task (any
+    dataset source; columns may be renamed)."""
     shots_per_task: Union[int, Literal["all"], None] = None
     """ROSE JSON object files: consecutive pairs per task (row i belongs to task i // k; the paper uses se 2,
     shp 5, hh 1), or 'all' for one task over the file. Required for that form, which names no tasks."""
-    test: str | None = None
-    """Held-out test set: preference pairs, or prompt + golden_answer rows (JSON/JSONL). None: no evaluation."""
+    test: Dataset | None = None
+    """Held-out test set: preference pairs, or prompt + golden_answer rows (any dataset source). None: no evaluation."""
     preference: PreferenceArgs | None = None
     """How this target's pairs are read and tokenized; None: the run's `preference` settings. Given, it replaces
     them as a whole: keys it leaves out take their defaults, not the run's."""
@@ -392,13 +452,14 @@ class RunArgs:
     into it anyway (ok; files with the run's names are replaced)."""
     model: str = DEFAULT_MODEL
     """Base model: hub id, local folder, or embedded:smollm2-135m-instruct."""
-    pool: str = "data/pool.jsonl"
-    """Instruction pool (JSONL/JSON, LESS/ROSE processed format or prompt/completion)."""
-    validation: str | None = None
+    pool: Dataset = "data/pool.jsonl"
+    """Instruction pool: a JSONL/JSON file, a Parquet file or folder, a save_to_disk folder, a hub id, or {path, split,
+    subset, revision, columns}; rows in the LESS/ROSE processed format (messages) or prompt/completion."""
+    validation: Dataset | None = None
     """Single-target shorthand: the validation set of a target named 'default' (or use `targets`)."""
     shots_per_task: Union[int, Literal["all"], None] = None
     """Single-target shorthand: shots_per_task of `validation`."""
-    test: str | None = None
+    test: Dataset | None = None
     """Single-target shorthand: the test set of `validation`'s target."""
     targets: dict[str, TargetArgs] = field(default_factory=dict)
     """Named targets ({name: {validation, shots_per_task, test, preference, selection}}). The warmup and the

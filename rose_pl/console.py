@@ -46,6 +46,7 @@ NOISE = [re.compile(p) for p in (
     r"Missing logger folder",
     r"The '\w+_dataloader' does not have many workers",
     r"Found keys that are in the model state dict but not in the checkpoint",
+    r"You are using a custom batch sampler `TokenBudgetBatches` for prediction",  # it is sharded by rank already
 )]
 """Known messages of third-party libraries that tell a rose_pl user nothing; kept in the stage log files."""
 

@@ -7,6 +7,8 @@ run.lock                                   held by the `rose-pl run` working in 
 stages/<stage>.json                        each stage's record: the fingerprint it ran under, and when complete, the
                                            size and digest of every output file (the source of truth)
 configs/<stage>.yaml                       the LightningCLI YAML of every Lightning stage (rerun one alone)
+cache/pool/                                the pool read, validated and tokenized once (rose_pl.data.cache), memory-mapped
+                                           by every stage and rank; targets/<t>/cache/<kind>/ likewise for validation sets
 logs/<stage>.log                           everything each stage logged, unfiltered
 warmup/checkpoints/                        manifest.json + epoch-k/{adapter/, optimizer.pt, info.json}
 warmup/resume/                             Lightning checkpoints of an unfinished warmup
@@ -37,6 +39,9 @@ SCORES_DIR = "scores"
 SELECTED_FILE = "selected.jsonl"
 COMPARE_MD = "compare.md"
 COMPARE_JSON = "compare.json"
+REFERENCE_ARRAYS = "reference.npz"
+REFERENCE_META = "reference.json"
+"""The DPO reference's log-probs of a validation set (rose_pl.features.reference), read by FeatureDataModule."""
 BASE = "base"
 """Name under which the base model's evaluation is filed next to the methods'."""
 
@@ -114,6 +119,15 @@ class RunLayout:
         return base if epoch is None else base / epoch_dirname(epoch)
 
     @property
+    def pool_cache(self) -> Path:
+        """The pool's token cache (read and tokenized once per run)."""
+        return self.path("cache", "pool")
+
+    def target_cache(self, target: str, kind: str) -> Path:
+        """A target's validation set tokenized as `kind` (preference, preference_sft)."""
+        return self.target(target) / "cache" / kind
+
+    @property
     def compare_md(self) -> Path:
         return self.path(COMPARE_MD)
 
@@ -128,6 +142,10 @@ class RunLayout:
     def target_features(self, target: str, side: str, epoch: int | None = None) -> Path:
         base = self.target(target) / "features" / side
         return base if epoch is None else base / epoch_dirname(epoch)
+
+    def reference(self, target: str, side: str) -> Path:
+        """The DPO reference's log-probs of the target's validation pairs (once for every checkpoint)."""
+        return self.target(target) / "reference" / side
 
     def means(self, target: str, side: str, epoch: int) -> Path:
         return self.target(target) / "means" / side / epoch_dirname(epoch)

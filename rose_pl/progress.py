@@ -115,6 +115,11 @@ def _shares(loaders, world: int) -> tuple[int, int] | None:
         loaders = [loaders]
     mine = total = 0
     for loader in loaders:
+        batches = getattr(loader, "batch_sampler", None)
+        batches = getattr(batches, "_batch_sampler", batches)
+        if hasattr(batches, "num_rows") and hasattr(batches, "total_rows"):  # batches sharded by the data itself
+            mine, total = mine + batches.num_rows, total + batches.total_rows
+            continue
         sampler = _sampler_of(loader)
         if sampler is None or not hasattr(sampler, "__len__"):
             return None

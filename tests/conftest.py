@@ -4,6 +4,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "ROSE_PL_TOKEN_CACHE" not in os.environ:  # token caches of DataModules used outside a run: not the user's
+    import tempfile
+
+    os.environ["ROSE_PL_TOKEN_CACHE"] = tempfile.mkdtemp(prefix="rose_pl_token_cache_")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

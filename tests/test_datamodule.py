@@ -49,7 +49,7 @@ def test_subset_is_seeded_and_of_the_requested_size(tmp_path, tokenizer_dir):
     a, b, c = subset(0.25, 0), subset(0.25, 0), subset(0.25, 1)
     assert len(a.subset_indices) == 10 == len(a.train_dataset)
     assert a.subset_indices == b.subset_indices != c.subset_indices
-    assert sorted(f["index"] for f in a.train_dataset.features) == a.subset_indices
+    assert sorted(f["index"] for f in a.train_dataset) == a.subset_indices
     assert len(subset(0.001, 0).subset_indices) == 1  # at least one example
 
 
@@ -100,7 +100,7 @@ def test_a_long_prompt_loses_prompt_tokens_not_the_row(tmp_path, tokenizer_dir):
     pool.write_text(json.dumps({"prompt": "x" * 100, "completion": "kept"}) + "\n")
     dm = SFTDataModule(str(pool), tokenizer_dir, max_seq_length=30, on_empty="error")
     dm.setup("fit")
-    (row,) = dm.train_dataset.features
+    (row,) = list(dm.train_dataset)
     assert len(row["input_ids"]) == 30 and dm.tokenizer.decode(row["labels"][row["labels"] >= 0]) == "kept</s>\n"
 
 

@@ -75,7 +75,7 @@ BAD_INSTRUCTION_ROWS = {
     "blank_assistant_content": ({"messages": chat(answer="  \n")}, "assistant content is empty"),
     "blank_completion": ({"prompt": "x", "completion": " "}, "completion is empty"),
     "missing_completion": ({"prompt": "x"}, "missing field 'completion'"),
-    "id_not_a_string": ({"id": 7, "messages": chat()}, "'id' must be str"),
+    "id_not_a_string": ({"id": [7], "messages": chat()}, "'id' must be str (or int)"),
     "both_forms": ({"prompt": "x", "completion": "y", "messages": chat()}, "both"),
 }
 
@@ -285,3 +285,9 @@ def test_shared_data_quirks_are_reported_not_hidden(rose_validation_dir):
 def test_a_directory_given_as_a_data_file_is_called_a_directory(tmp_path):
     with pytest.raises(DataFormatError, match="is a directory"):
         read_instructions(tmp_path)
+
+
+def test_integer_ids_of_hub_datasets_are_read_as_strings(tmp_path):
+    path = tmp_path / "pool.jsonl"
+    path.write_text(json.dumps({"id": 7, "messages": chat()}) + "\n")
+    assert read_instructions(path)[0].id == "7"

@@ -29,14 +29,14 @@ def warm(tmp_path_factory, tiny_model_dir):
 
 
 def predict(ckpt, data_file, kind, model_dir, objective=None, transform=None, hidden=False, inference_mode=False,
-            max_tokens_per_pass=4096):
+            max_tokens_per_pass=4096, reference=None, max_tokens_per_batch=None, batch_size=3):
     if hidden:
         module = HiddenStateModule(checkpoint=str(ckpt), model=str(model_dir))
     else:
         module = GradientFeatureModule(checkpoint=str(ckpt), objective=objective, transform=transform,
                                        model=str(model_dir), max_tokens_per_pass=max_tokens_per_pass)
-    dm = FeatureDataModule(str(data_file), str(model_dir), kind=kind, batch_size=3, max_seq_length=64,
-                           max_prompt_length=32)
+    dm = FeatureDataModule(str(data_file), str(model_dir), kind=kind, batch_size=batch_size, max_seq_length=64,
+                           max_prompt_length=32, reference=reference, max_tokens_per_batch=max_tokens_per_batch)
     callbacks = [] if hidden else [ProjectionCallback(kind="identity", normalize=False)]
     out = trainer(callbacks=callbacks, inference_mode=inference_mode).predict(module, datamodule=dm)
     index = torch.cat([o["index"] for o in out])
@@ -169,3 +169,49 @@ def test_ddp_predict_through_the_cli_writes_the_same_store_as_one_process(warm, 
     # Ranks batch different rows together: equal up to float rounding of different GEMM shapes.
     torch.testing.assert_close(torch.from_numpy(two.features().copy()), torch.from_numpy(one.features().copy()),
                                atol=1e-5, rtol=1e-4)
+
+
+def test_dpo_features_with_the_reference_computed_once_equal_those_with_a_reference_pass_each(warm, tiny_model_dir,
+                                                                                           tmp_path):
+    """The base model's log-probs of every pair, computed once (ReferenceLogProbs + ReferenceWriter), give the same
+    DPO gradients as the adapter-disabled reference pass DPOObjective otherwise runs at every checkpoint."""
+    from rose_pl.features.reference import ReferenceLogProbs, ReferenceWriter
+
+    root, _, prefs = warm
+    dm = FeatureDataModule(str(prefs), str(tiny_model_dir), kind="preference", batch_size=2, max_seq_length=64,
+                           max_prompt_length=32)
+    trainer(callbacks=[ReferenceWriter(str(tmp_path / "reference"))]).predict(
+        ReferenceLogProbs(str(tiny_model_dir)), datamodule=dm, return_predictions=False)
+    for epoch in (1, 2):
+        ckpt = root / "ckpt" / f"epoch-{epoch}"
+        cached, _, _ = predict(ckpt, prefs, "preference", tiny_model_dir, objective=DPOObjective(beta=0.5),
+                                   reference=str(tmp_path / "reference"))
+        passes, _, _ = predict(ckpt, prefs, "preference", tiny_model_dir, objective=DPOObjective(beta=0.5))
+        torch.testing.assert_close(cached, passes, atol=1e-6, rtol=1e-5)
+
+
+def test_reference_log_probs_of_other_pairs_are_refused(warm, tiny_model_dir, tmp_path):
+    from rose_pl.errors import DataFormatError
+    from rose_pl.features.reference import ReferenceLogProbs, ReferenceWriter
+
+    root, pool, prefs = warm
+    other = tmp_path / "other.jsonl"
+    other.write_text(Path(prefs).read_text().replace("good", "fine"))
+    dm = FeatureDataModule(str(other), str(tiny_model_dir), kind="preference", batch_size=2, max_seq_length=64,
+                           max_prompt_length=32)
+    trainer(callbacks=[ReferenceWriter(str(tmp_path / "reference"))]).predict(
+        ReferenceLogProbs(str(tiny_model_dir)), datamodule=dm, return_predictions=False)
+    with pytest.raises(DataFormatError, match="reference log-probs of other data"):
+        predict(root / "ckpt" / "epoch-1", prefs, "preference", tiny_model_dir, objective=DPOObjective(),
+                reference=str(tmp_path / "reference"))
+
+
+@pytest.mark.parametrize("kind,objective", [("sft", SFTObjective()), ("preference", DPOObjective(beta=0.5))])
+def test_features_with_a_token_budget_equal_those_with_a_row_batch_size(warm, tiny_model_dir, kind, objective):
+    root, pool, prefs = warm
+    data = pool if kind == "sft" else prefs
+    rows, _, _ = predict(root / "ckpt" / "epoch-2", data, kind, tiny_model_dir, objective=objective)
+    for budget in (60, 200, 10000):
+        packed, _, _ = predict(root / "ckpt" / "epoch-2", data, kind, tiny_model_dir, objective=objective,
+                                    max_tokens_per_batch=budget, batch_size=64)
+        torch.testing.assert_close(packed, rows, atol=ATOL, rtol=1e-4)

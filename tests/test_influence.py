@@ -184,7 +184,7 @@ def test_saved_scores_round_trip_with_their_ids(problem, tmp_path):
     np.testing.assert_array_equal(loaded.result.per_task, result.per_task)
     np.testing.assert_array_equal(loaded.result.best_task, result.best_task)
     assert loaded.result.tasks == result.tasks
-    assert loaded.ids == ids and loaded.datasets == datasets
+    assert loaded.ids.tolist() == ids and loaded.datasets == datasets
     assert loaded.meta == {"method": "rose", "seed": 3}
 
 

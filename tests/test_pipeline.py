@@ -276,3 +276,34 @@ def test_a_pool_of_long_prompts_runs_end_to_end_and_a_row_that_cannot_fit_is_cou
         assert len(selected.splitlines()) == 15 and "headers_only" not in selected  # 90% of 16: all but the drop
         report = (out / "targets" / "default" / "selection" / method / "report.md").read_text()
         assert "pool rows without scores (dropped, never selected): 1" in report
+
+
+@pytest.mark.slow
+def test_the_dpo_reference_runs_once_for_every_checkpoint_and_target_side(tmp_path, tiny_model_dir, monkeypatch):
+    """Two checkpoints: the base model scores each validation pair once; no checkpoint runs a reference pass."""
+    from rose_pl.features.objectives import DPOObjective
+    from rose_pl.features.reference import ReferenceLogProbs
+
+    passes, rows = [], []
+    original_reference, original_step = DPOObjective.reference_logps, ReferenceLogProbs.predict_step
+
+    def reference_logps(self, model, batch):
+        if "reference_chosen_logps" not in batch:
+            passes.append(batch["chosen_input_ids"].shape[0])
+        return original_reference(self, model, batch)
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        rows.append(batch["index"].shape[0])
+        return original_step(self, batch, batch_idx, dataloader_idx)
+
+    monkeypatch.setattr(DPOObjective, "reference_logps", reference_logps)
+    monkeypatch.setattr(ReferenceLogProbs, "predict_step", predict_step)
+    config = run_config(tmp_path, tiny_model_dir, "once", methods=["rose"], test=None,
+                        **{"finetune.methods": [], "warmup.epochs": 2})
+    result = run(config)
+    assert result["targets/default/reference/val_dpo"] == "ran"
+    assert passes == [] and sum(rows) == 8  # the 8 validation pairs, once
+    for epoch in (1, 2):
+        stage = yaml.safe_load((tmp_path / "once" / "configs" / f"targets__default__means__val_dpo__epoch-{epoch}.yaml")
+                               .read_text())
+        assert stage["data"]["init_args"]["reference"].endswith("targets/default/reference/val_dpo")

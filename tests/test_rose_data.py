@@ -47,11 +47,12 @@ def test_every_pair_of_the_papers_files_encodes_under_the_shipped_settings(rose_
     for kind in ("preference", "preference_sft"):
         dm = module(path, kind, smol_tokenizer, prompt_truncation=truncation)
         dm.setup()  # on_empty="error": a pair without a loss token would raise
-        assert len(dm.dataset) == len(dm.examples) and not [d for d in dm.dropped if "loss" in d.reason]
+        pairs = read_preferences(path, dm.hparams.shots_per_task, on_invalid_pair="drop")
+        assert len(dm.dataset) == len(pairs) and not dm.cache.dropped.any()  # no pair lost its loss tokens
     # Even at the old 512 tokens no pair loses its responses any more (the prompt is cut first).
     dm = module(path, "preference", smol_tokenizer, max_seq_length=512)
     dm.setup()
-    assert all(max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) <= 512 for f in dm.dataset.features)
+    assert all(max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) <= 512 for f in dm.dataset)
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -62,7 +63,7 @@ def test_the_papers_pair_format_equals_an_independent_implementation(rose_valida
         dm = module(path, "preference", smol_tokenizer, prompt_truncation=truncation, max_seq_length=max_length,
                     max_prompt_length=max_prompt)
         dm.setup()
-        for feature, example in zip(dm.dataset.features, dm.examples):
+        for feature, example in zip(dm.dataset, read_preferences(path, dm.hparams.shots_per_task, on_invalid_pair="drop")):
             expected = rose_reference(smol_tokenizer, example.prompt, example.chosen, example.rejected, max_length,
                                       max_prompt, truncation)
             got = {k: feature[k].tolist() for k in expected}

@@ -104,3 +104,26 @@ def test_length_sorted_sampler_is_longest_first_with_index_ties_and_restrictable
     assert list(restricted) == [4, 0, 3] and len(restricted) == 3
     with pytest.raises(ConfigError):
         LengthSortedSampler(lengths, indices=[5])
+
+
+def test_token_budget_batches_keep_every_row_once_within_the_budget_and_share_them_among_ranks():
+    import numpy as np
+
+    from rose_pl.data.samplers import LengthSortedSampler, TokenBudgetBatches
+
+    lengths = np.random.default_rng(0).integers(3, 200, 101)
+    order = LengthSortedSampler(lengths).order
+    for per_row in (1, 2):
+        ranks = [TokenBudgetBatches(lengths, order, 600, 16, num_replicas=3, rank=r, per_row=per_row)
+                 for r in range(3)]
+        rows = [i for s in ranks for b in s for i in b]
+        assert sorted(rows) == list(range(101))  # every row once
+        for s in ranks:
+            assert s.total_rows == 101 and s.num_rows == sum(len(b) for b in s)
+            for b in s:
+                assert len(b) <= 16
+                assert len(b) == 1 or per_row * len(b) * max(lengths[b]) <= 600
+        one = TokenBudgetBatches(lengths, order, 600, 16, per_row=per_row)
+        assert [i for b in one for i in b] == order.tolist()  # one rank: the length-sorted order
+    few = TokenBudgetBatches([5, 5, 5, 5], [0, 1, 2, 3], 10_000, 16, num_replicas=3, rank=2)
+    assert len(few) == 1  # three ranks, one budget-sized batch: split so that every rank gets rows

@@ -94,18 +94,23 @@ class Encoder:
         self._cache: dict[str, list[int]] = {}
 
     # ---- pieces -> ids ------------------------------------------------------------------------------
-    def _ids(self, text: str) -> list[int]:
-        if text == EOS:
-            return [self.eos_id]
-        cached = self._cache.get(text)
-        if cached is None:
-            cached = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            if len(text) < 64:  # headers and footers repeat in every row; contents do not
-                self._cache[text] = cached
-        return cached
+    def _ids_of(self, texts) -> dict[str, list[int]]:
+        """Token ids of every distinct text, in one batched tokenizer call (headers and footers cached)."""
+        wanted = {t for t in texts if t and t != EOS and t not in self._cache}
+        found = {EOS: [self.eos_id], "": [], **self._cache}
+        if wanted:
+            order = sorted(wanted)
+            for text, ids in zip(order, self.tokenizer(order, add_special_tokens=False)["input_ids"]):
+                found[text] = list(ids)
+                if len(text) < 64:  # headers and footers repeat in every row; contents do not
+                    self._cache[text] = found[text]
+        return found
 
-    def _tokenized(self, pieces: Sequence[Piece]) -> list[tuple[list[int], Piece]]:
-        return [(list(self._ids(p.text)), p) for p in pieces if p.text]
+    def _ids(self, text: str) -> list[int]:
+        return self._ids_of([text])[text]
+
+    def _tokenized(self, pieces: Sequence[Piece], ids_of: dict[str, list[int]]) -> list[tuple[list[int], Piece]]:
+        return [(list(ids_of[p.text]), p) for p in pieces if p.text]
 
     def _cut_prompt(self, parts: list[tuple[list[int], Piece]], n: int) -> None:
         """Remove up to `n` tokens from the prompt contents, in place (from their end with keep_start)."""
@@ -138,39 +143,77 @@ class Encoder:
     # ---- public --------------------------------------------------------------------------------------
     def encode_messages(self, messages: Sequence[dict[str, str]]) -> dict[str, list[int]]:
         """`input_ids` and `labels` (-100 off the loss) of one conversation, prompt cut first."""
-        parts = self._tokenized(self.template.pieces(messages, self.tokenizer))
-        self._cut_prompt(parts, self._length(parts) - self.max_seq_length)
-        return self._join(parts, "")
+        encoded, _ = self.encode_messages_batch([messages])[0]
+        if isinstance(encoded, EmptyLossError):
+            raise encoded
+        return encoded
+
+    def encode_messages_batch(self, batch: Sequence[Sequence[dict[str, str]]]) -> list[tuple[dict | EmptyLossError, int]]:
+        """Each conversation's encoding (or its EmptyLossError) and how many of its tokens truncation removed; the
+        texts of the whole batch go through the tokenizer in one call, with results equal to one call each."""
+        pieces = [self.template.pieces(m, self.tokenizer) for m in batch]
+        ids_of = self._ids_of(p.text for row in pieces for p in row)
+        out = []
+        for row in pieces:
+            parts = self._tokenized(row, ids_of)
+            total = self._length(parts)
+            self._cut_prompt(parts, total - self.max_seq_length)
+            try:
+                encoded = self._join(parts, "")
+                out.append((encoded, total - len(encoded["input_ids"])))
+            except EmptyLossError as e:
+                out.append((e, total))
+        return out
 
     def encode_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids a generation continues from: the conversation and a new assistant header."""
-        parts = self._tokenized(self.template.prompt_pieces(messages, self.tokenizer))
+        pieces = self.template.prompt_pieces(messages, self.tokenizer)
+        parts = self._tokenized(pieces, self._ids_of(p.text for p in pieces))
         return list(self.bos) + [t for ids, _ in parts for t in ids]
 
     def encode_preference(self, example: PreferenceExample) -> dict[str, list[int]]:
         """chosen_/rejected_ input_ids and labels of one pair, in `preference_format`."""
+        encoded, _ = self.encode_preference_batch([example])[0]
+        if isinstance(encoded, EmptyLossError):
+            raise encoded
+        return encoded
+
+    def encode_preference_batch(self, batch: Sequence[PreferenceExample]) -> list[tuple[dict | EmptyLossError, int]]:
+        """Each pair's encoding (or its EmptyLossError) and how many tokens truncation removed from its two sides."""
         if self.preference_format is None:
             raise ConfigError("this encoder was built for instruction rows only (preference_format=None)")
         if self.preference_format == "rose":
-            return self._rose_pair(example.prompt, example.chosen, example.rejected)
-        sides = {}
-        for side, response in (("chosen", example.chosen), ("rejected", example.rejected)):
-            messages = [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": response}]
-            sides[side] = self._tokenized(self.template.pieces(messages, self.tokenizer))
-        excess = max(self._length(parts) for parts in sides.values()) - self.max_seq_length
-        out = {}
-        for side, parts in sides.items():
-            self._cut_prompt(parts, excess)  # the same prompt in front of both responses
-            encoded = self._join(parts, f"{side} side: ")
-            out[f"{side}_input_ids"], out[f"{side}_labels"] = encoded["input_ids"], encoded["labels"]
+            ids_of = self._ids_of(t for e in batch for t in (e.prompt, e.chosen, e.rejected))
+            return [self._rose_pair(ids_of[e.prompt], ids_of[e.chosen], ids_of[e.rejected]) for e in batch]
+        sides_of = []
+        for example in batch:
+            sides_of.append({side: self.template.pieces([{"role": "user", "content": example.prompt},
+                                                         {"role": "assistant", "content": response}], self.tokenizer)
+                             for side, response in (("chosen", example.chosen), ("rejected", example.rejected))})
+        ids_of = self._ids_of(p.text for sides in sides_of for pieces in sides.values() for p in pieces)
+        out = []
+        for sides in sides_of:
+            parts_of = {side: self._tokenized(pieces, ids_of) for side, pieces in sides.items()}
+            total = sum(self._length(parts) for parts in parts_of.values())
+            excess = max(self._length(parts) for parts in parts_of.values()) - self.max_seq_length
+            encoded = {}
+            try:
+                for side, parts in parts_of.items():
+                    self._cut_prompt(parts, excess)  # the same prompt in front of both responses
+                    joined = self._join(parts, f"{side} side: ")
+                    encoded[f"{side}_input_ids"], encoded[f"{side}_labels"] = joined["input_ids"], joined["labels"]
+            except EmptyLossError as e:
+                out.append((e, total))
+                continue
+            out.append((encoded, total - len(encoded["chosen_input_ids"]) - len(encoded["rejected_input_ids"])))
         return out
 
-    def _with_eos(self, text: str) -> list[int]:
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return ids if self.eos_id in ids else ids + [self.eos_id]  # as the authors' code: EOS unless present
+    def _with_eos(self, ids: list[int]) -> list[int]:
+        return list(ids) if self.eos_id in ids else list(ids) + [self.eos_id]  # as the authors' code: EOS unless present
 
-    def _rose_pair(self, prompt: str, chosen: str, rejected: str) -> dict[str, list[int]]:
+    def _rose_pair(self, prompt: list[int], chosen: list[int], rejected: list[int]) -> tuple[dict, int]:
         p, c, r = self._with_eos(prompt), self._with_eos(chosen), self._with_eos(rejected)
+        total = 2 * len(p) + len(c) + len(r)
         longer = max(len(c), len(r))
         if len(p) + longer > self.max_seq_length:
             k = self.max_prompt_length
@@ -178,8 +221,9 @@ class Encoder:
         if len(p) + longer > self.max_seq_length:
             keep = self.max_seq_length - self.max_prompt_length
             c, r = c[:keep], r[:keep]
-        return {"chosen_input_ids": p + c, "chosen_labels": [IGNORE_INDEX] * len(p) + c,
-                "rejected_input_ids": p + r, "rejected_labels": [IGNORE_INDEX] * len(p) + r}
+        encoded = {"chosen_input_ids": p + c, "chosen_labels": [IGNORE_INDEX] * len(p) + c,
+                   "rejected_input_ids": p + r, "rejected_labels": [IGNORE_INDEX] * len(p) + r}
+        return encoded, total - len(encoded["chosen_input_ids"]) - len(encoded["rejected_input_ids"])
 
     def text(self, messages: Sequence[dict[str, str]]) -> str:
         """The conversation as text in this encoder's template."""

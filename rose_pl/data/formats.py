@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Union
 
+from rose_pl.config import Dataset, DatasetSpec, dataset_spec
+from rose_pl.data.sources import load_json, open_source
 from rose_pl.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
@@ -103,57 +105,26 @@ class Dropped:
 # ---------------------------------------------------------------- low-level reading
 
 
-def _rows(path: Path) -> Iterator[tuple[int | str, Any]]:
-    """Yield (where, value) for each row: JSONL lines (1-based, blank lines skipped) or JSON list entries."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, start=1):
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataFormatError(path, lineno, f"not valid UTF-8 ({e.reason})") from None
-                if not text.strip():
-                    continue
-                try:
-                    yield lineno, json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise DataFormatError(path, lineno, f"malformed JSON: {e.msg} at column {e.colno}") from None
-    elif suffix == ".json":
-        data = _load_json(path)
-        if not isinstance(data, list):
-            raise DataFormatError(path, None, f"expected a JSON list of rows, got {type(data).__name__}")
-        for i, value in enumerate(data):
-            yield f"entry {i}", value
-    else:
-        raise DataFormatError(path, None, f"unknown extension {suffix!r}: expected .jsonl or .json")
+def _rows(data: Dataset, size: int = 1024) -> Iterator[tuple[int, Any, Any, DatasetSpec]]:
+    """(row number, where, row with rose_pl's column names) of every row of a dataset, in order."""
+    source = open_source(data)
+    for batch in source.batches(size=size):
+        for index, where, row in batch:
+            yield index, where, rename_columns(row, source.spec.columns), source.spec
 
 
-def _require_file(path: Path) -> None:
-    if path.is_dir():
-        raise DataFormatError(path, None, "is a directory; expected a .jsonl or .json file")
-    if not path.is_file():
-        raise DataFormatError(path, None, "no such file")
-
-
-def _load_json(path: Path) -> Any:
-    def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-        # json.loads keeps the last of repeated keys; a repeated prompt would lose a row without a word.
-        out: dict = {}
-        for key, value in pairs:
-            if key in out:
-                raise DataFormatError(path, f"key {_short(key)}", "duplicate key (JSON keeps only the last one)")
-            out[key] = value
-        return out
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataFormatError(path, None, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        return json.loads(text, object_pairs_hook=no_duplicate_keys)
-    except json.JSONDecodeError as e:
-        raise DataFormatError(path, e.lineno, f"malformed JSON: {e.msg} at column {e.colno}") from None
+def rename_columns(row: Any, columns: dict[str, str] | None) -> Any:
+    """A row with the dataset's column names mapped to rose_pl's (`DatasetSpec.columns`: ours -> theirs); messages'
+    role/content keys too. Columns not named are kept as they are."""
+    if not columns or not isinstance(row, dict):
+        return row
+    theirs = {v: k for k, v in columns.items() if k not in ("role", "content")}
+    out = {theirs.get(k, k): v for k, v in row.items()}
+    inner = {v: k for k, v in columns.items() if k in ("role", "content")}
+    if inner and isinstance(out.get("messages"), list):
+        out["messages"] = [{inner.get(k, k): v for k, v in m.items()} if isinstance(m, dict) else m
+                           for m in out["messages"]]
+    return out
 
 
 def _short(text: str, width: int = 60) -> str:
@@ -161,7 +132,8 @@ def _short(text: str, width: int = 60) -> str:
 
 
 def _field(path: Path, where, row: dict, key: str, kind: type, required: bool = True):
-    if key not in row:
+    # A null counts as absent: columnar sources (Parquet, Arrow) fill the columns a row does not have with nulls.
+    if row.get(key) is None:
         if required:
             raise DataFormatError(path, where, f"missing field {key!r}")
         return None
@@ -211,53 +183,89 @@ def _messages(path: Path, where, value: Any) -> list[dict[str, str]]:
     return out
 
 
-def read_instructions(
-    path: str | Path, duplicate_ids: Literal["error", "rename"] = "error"
-) -> list[InstructionExample]:
-    """Read an instruction file (.jsonl or .json list), validating every row.
+def stem_of(spec: DatasetSpec) -> str:
+    """The default dataset name of a source's rows: the file's stem, or the hub dataset's name."""
+    return Path(spec.path.rstrip("/")).stem or spec.path
+
+
+def _id(path, where, row: dict) -> str | None:
+    value = row.get("id")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataFormatError(path, where, f"field 'id' must be str (or int), got {type(value).__name__}")
+    return str(value)
+
+
+def instruction_from_row(name: str, stem: str, where, row_number: int, row: Any) -> InstructionExample:
+    """One pool row (rose_pl's column names) validated into an InstructionExample; a DataFormatError names the
+    dataset and the line or row."""
+    if not isinstance(row, dict):
+        raise DataFormatError(name, where, f"row must be a JSON object, got {type(row).__name__}")
+    dataset = _field(name, where, row, "dataset", str, required=False) or stem
+    id_ = _id(name, where, row)
+    id_ = id_ if id_ is not None else f"{dataset}_{row_number}"
+    if row.get("messages") is not None:
+        if row.get("prompt") is not None or row.get("completion") is not None:
+            raise DataFormatError(name, where, "row has both 'messages' and 'prompt'/'completion'")
+        messages = _messages(name, where, row["messages"])
+    elif "prompt" in row or "completion" in row:
+        prompt = _field(name, where, row, "prompt", str)
+        completion = _nonblank(name, where, _field(name, where, row, "completion", str), "completion")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    else:
+        raise DataFormatError(name, where, f"row has neither 'messages' nor 'prompt'/'completion' (its columns: "
+                                           f"{sorted(row)[:10]}; map yours with columns: {{messages: ...}})")
+    return InstructionExample(dataset, id_, messages, row, where)
+
+
+def iter_instructions(data: Dataset, size: int = 1024) -> Iterator[list[tuple[int, InstructionExample]]]:
+    """Batches of (row index, validated example) of an instruction dataset, streamed (ids not yet checked for
+    repeats: `read_instructions` does that for a whole file, the token cache for a pool)."""
+    source = open_source(data)
+    stem = stem_of(source.spec)
+    for batch in source.batches(size=size):
+        yield [(i, instruction_from_row(source.name, stem, where, i, rename_columns(row, source.spec.columns)))
+               for i, where, row in batch]
+
+
+def unique_id(id_: str, seen, where, name: str, duplicate_ids: str, renamed: list[str]) -> str:
+    """`id_`, or for a repeat its next free `id#k` (duplicate_ids rename, recorded in `renamed`) or an error."""
+    if id_ in seen and duplicate_ids == "rename":
+        k = 2
+        while f"{id_}#{k}" in seen:
+            k += 1
+        renamed.append(f"{id_} at {_loc(where)} -> {id_}#{k}")
+        id_ = f"{id_}#{k}"
+    if id_ in seen:
+        raise DataFormatError(name, where, f"duplicate id {id_!r} (first at {_loc(seen[id_])}); "
+                                           "duplicate_ids: rename keeps both (the repeat becomes id#2)")
+    return id_
+
+
+def read_instructions(data: Dataset, duplicate_ids: Literal["error", "rename"] = "error") -> list[InstructionExample]:
+    """Read a whole instruction dataset (any source: JSONL/JSON, Parquet, a saved or hub dataset), validating every
+    row. For large pools use the token cache, which never holds them as Python objects.
 
     `duplicate_ids="rename"` keeps rows that repeat an id, renaming the 2nd, 3rd... to f"{id}#2", ... (logged;
     `raw` unchanged). Some published LESS/ROSE files reuse ids for different rows.
     """
-    path = Path(path)
     if duplicate_ids not in ("error", "rename"):
         raise ConfigError(f"duplicate_ids: {duplicate_ids!r} is not 'error' or 'rename'")
-    _require_file(path)
-    stem = path.stem
+    spec = dataset_spec(data)
     examples: list[InstructionExample] = []
-    ids: dict[str, int | str | None] = {}
+    seen: dict[str, int | str | None] = {}
     renamed: list[str] = []
-    for row_number, (where, row) in enumerate(_rows(path)):
-        if not isinstance(row, dict):
-            raise DataFormatError(path, where, f"row must be a JSON object, got {type(row).__name__}")
-        dataset = _field(path, where, row, "dataset", str, required=False) or stem
-        id_ = _field(path, where, row, "id", str, required=False)
-        id_ = id_ if id_ is not None else f"{dataset}_{row_number}"
-        if "messages" in row:
-            if "prompt" in row or "completion" in row:
-                raise DataFormatError(path, where, "row has both 'messages' and 'prompt'/'completion'")
-            messages = _messages(path, where, row["messages"])
-        elif "prompt" in row or "completion" in row:
-            prompt = _field(path, where, row, "prompt", str)
-            completion = _nonblank(path, where, _field(path, where, row, "completion", str), "completion")
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-        else:
-            raise DataFormatError(path, where, "row has neither 'messages' nor 'prompt'/'completion'")
-        if id_ in ids and duplicate_ids == "rename":
-            k = 2
-            while f"{id_}#{k}" in ids:
-                k += 1
-            renamed.append(f"{id_} at {_loc(where)} -> {id_}#{k}")
-            id_ = f"{id_}#{k}"
-        if id_ in ids:
-            raise DataFormatError(path, where, f"duplicate id {id_!r} (first at {_loc(ids[id_])}); "
-                                               "duplicate_ids: rename keeps both (the repeat becomes id#2)")
-        ids[id_] = where
-        examples.append(InstructionExample(dataset, id_, messages, row, where))
+    for batch in iter_instructions(spec):
+        for _, example in batch:
+            id_ = unique_id(example.id, seen, example.where, spec.name, duplicate_ids, renamed)
+            seen[id_] = example.where
+            examples.append(example if id_ == example.id else
+                            InstructionExample(example.dataset, id_, example.messages, example.raw, example.where))
     if not examples:
-        raise DataFormatError(path, None, "no rows")
+        raise DataFormatError(spec.name, None, "no rows")
     if renamed:
-        log.warning("%s: %d duplicate ids renamed: %s", path, len(renamed), "; ".join(renamed))
+        log.warning("%s: %d duplicate ids renamed: %s", spec.name, len(renamed), "; ".join(renamed))
     return examples
 
 
@@ -315,18 +323,19 @@ def _rose_entries(path: Path, data: dict, shots_per_task: int | str, all_pairs: 
             yield where, f"{stem}_{i}", task, prompt, chosen, rejected
 
 
-def _row_entries(path: Path, default_task: str | None):
+def _row_entries(data: Dataset, default_task: str | None):
     """Yield (where, id, task, prompt, chosen, rejected) from {"prompt","chosen","rejected","task"} rows."""
-    for row_number, (where, row) in enumerate(_rows(path)):
+    for row_number, where, row, spec in _rows(data):
+        name = spec.name
         if not isinstance(row, dict):
-            raise DataFormatError(path, where, f"row must be a JSON object, got {type(row).__name__}")
-        prompt = _nonblank(path, where, _field(path, where, row, "prompt", str), "prompt")
-        chosen = _field(path, where, row, "chosen", str)
-        rejected = _field(path, where, row, "rejected", str)
-        task = _field(path, where, row, "task", str, required=default_task is None) or default_task
-        _nonblank(path, where, task, "task")
-        id_ = _field(path, where, row, "id", str, required=False)
-        yield where, id_ if id_ is not None else f"{path.stem}_{row_number}", task, prompt, chosen, rejected
+            raise DataFormatError(name, where, f"row must be a JSON object, got {type(row).__name__}")
+        prompt = _nonblank(name, where, _field(name, where, row, "prompt", str), "prompt")
+        chosen = _field(name, where, row, "chosen", str)
+        rejected = _field(name, where, row, "rejected", str)
+        task = _field(name, where, row, "task", str, required=default_task is None) or default_task
+        _nonblank(name, where, task, "task")
+        id_ = _id(name, where, row)
+        yield where, id_ if id_ is not None else f"{stem_of(spec)}_{row_number}", task, prompt, chosen, rejected
 
 
 def check_shots_per_task(value: Any) -> str | None:
@@ -344,7 +353,7 @@ def _shots_hint(path: Path) -> str:
 
 
 def read_preferences(
-    path: str | Path,
+    data: Dataset,
     shots_per_task: ShotsPerTask = None,
     all_pairs: bool = False,
     default_task: str | None = None,
@@ -357,13 +366,13 @@ def read_preferences(
     "task". A pair with an empty side or chosen == rejected is an error, or with `on_invalid_pair="drop"` left
     out, logged and appended to `dropped` (if given). Task membership is assigned before any drop.
     """
-    path = Path(path)
+    spec = dataset_spec(data)
+    path = Path(spec.path)
     problems = [p for p in [check_shots_per_task(shots_per_task)] if p]
     if on_invalid_pair not in ("error", "drop"):
         problems.append(f"on_invalid_pair: {on_invalid_pair!r} is not 'error' or 'drop'")
-    _require_file(path)
-    data = _load_json(path) if path.suffix.lower() == ".json" else None
-    if isinstance(data, dict):
+    obj = load_json(path) if path.is_file() and path.suffix.lower() == ".json" else None
+    if isinstance(obj, dict):
         if default_task is not None:
             problems.append("default_task: the ROSE JSON form names tasks by shots_per_task, not default_task")
         if shots_per_task is None:
@@ -371,12 +380,12 @@ def read_preferences(
                 f"shots_per_task: {path} is a ROSE JSON preference file, which names no tasks; set shots_per_task "
                 f"to the number of consecutive pairs per task (row i belongs to task i // k; the paper's files are "
                 f"se 2, shp 5, hh 1){_shots_hint(path)}, or to 'all' to make the whole file one task")
-        entries = None if problems else _rose_entries(path, data, shots_per_task, all_pairs)
+        entries = None if problems else _rose_entries(path, obj, shots_per_task, all_pairs)
     else:
         for name, value in (("shots_per_task", shots_per_task), ("all_pairs", all_pairs or None)):
             if value is not None:
-                problems.append(f"{name}: applies to the ROSE JSON object form only; {path} holds rows")
-        entries = None if problems else _row_entries(path, default_task)
+                problems.append(f"{name}: applies to the ROSE JSON object form only; {spec.name} holds rows")
+        entries = None if problems else _row_entries(spec, default_task)
     if problems:
         raise ConfigError(problems)
 
@@ -384,72 +393,92 @@ def read_preferences(
     ids: dict[str, int | str | None] = {}
     drops: list[Dropped] = []
     for where, id_, task, prompt, chosen, rejected in entries:
-        _check_unique(path, ids, id_, where)
+        _check_unique(spec.name, ids, id_, where)
         problem = _pair_problem(chosen, rejected)
         if problem is not None:
             if on_invalid_pair == "error":
-                raise DataFormatError(path, where, problem + " (on_invalid_pair='drop' leaves such pairs out)")
-            drops.append(Dropped(str(path), where, id_, problem))
+                raise DataFormatError(spec.name, where, problem + " (on_invalid_pair='drop' leaves such pairs out)")
+            drops.append(Dropped(spec.name, where, id_, problem))
             continue
         examples.append(PreferenceExample(id_, task, prompt, chosen, rejected, where))
     if drops:
         log.warning(
             "%s: dropped %d invalid preference pairs: %s",
-            path, len(drops), "; ".join(f"{d.id} ({_loc(d.where)}): {d.reason}" for d in drops),
+            spec.name, len(drops), "; ".join(f"{d.id} ({_loc(d.where)}): {d.reason}" for d in drops),
         )
         if dropped is not None:
             dropped.extend(drops)
     if not examples:
-        raise DataFormatError(path, None, "no usable preference pairs")
+        raise DataFormatError(spec.name, None, "no usable preference pairs")
     return examples
 
 
 # ---------------------------------------------------------------- test sets
 
 
-def is_rose_object(path: str | Path) -> bool:
+def is_rose_object(data: Dataset) -> bool:
     """Whether a preference file is the ROSE JSON object form ({prompt: entry}), which names no tasks."""
-    path = Path(path)
-    return path.suffix.lower() == ".json" and path.is_file() and isinstance(_load_json(path), dict)
+    path = Path(dataset_spec(data).path)
+    return path.suffix.lower() == ".json" and path.is_file() and isinstance(load_json(path), dict)
 
 
-def kind_of_test_set(path: str | Path) -> Literal["preference", "golden"]:
-    """Whether a test file holds preference pairs or prompt + golden answer rows (from its first row)."""
-    path = Path(path)
-    _require_file(path)
-    if path.suffix.lower() == ".json":
-        data = _load_json(path)
-        if isinstance(data, dict):
-            return "preference"  # the ROSE JSON object form
-        first = data[0] if isinstance(data, list) and data else None
-    else:
-        first = next((row for _, row in _rows(path)), None)
-    if not isinstance(first, dict):
-        raise DataFormatError(path, None, "no rows, or the first row is not a JSON object")
-    if "golden_answer" in first:
+def kind_of_test_set(data: Dataset) -> Literal["preference", "golden"]:
+    """Whether a test set holds preference pairs or prompt + golden answer rows (from its first row)."""
+    spec = dataset_spec(data)
+    if is_rose_object(spec):
+        return "preference"  # the ROSE JSON object form
+    first = next(((where, row) for _, where, row, _ in _rows(spec, size=1)), (None, None))
+    if not isinstance(first[1], dict):
+        raise DataFormatError(spec.name, None, "no rows, or the first row is not a JSON object")
+    if "golden_answer" in first[1]:
         return "golden"
-    if "chosen" in first:
+    if "chosen" in first[1]:
         return "preference"
-    raise DataFormatError(path, 1 if path.suffix.lower() == ".jsonl" else "entry 0",
-                          "neither a preference pair (prompt, chosen, rejected) nor a golden answer (prompt, "
-                          "golden_answer)")
+    raise DataFormatError(spec.name, first[0], "neither a preference pair (prompt, chosen, rejected) nor a golden answer "
+                                               "(prompt, golden_answer); name its columns with columns: {...}")
 
 
-def read_golden_answers(path: str | Path) -> list[GoldenExample]:
-    """Read a prompt + golden-answer test set (.jsonl, or a .json list), validating every row."""
-    path = Path(path)
-    _require_file(path)
+def read_golden_answers(data: Dataset) -> list[GoldenExample]:
+    """Read a prompt + golden-answer test set (any source), validating every row."""
+    spec = dataset_spec(data)
     examples: list[GoldenExample] = []
     ids: dict[str, int | str | None] = {}
-    for row_number, (where, row) in enumerate(_rows(path)):
+    for row_number, where, row, _ in _rows(spec):
+        name = spec.name
         if not isinstance(row, dict):
-            raise DataFormatError(path, where, f"row must be a JSON object, got {type(row).__name__}")
-        prompt = _nonblank(path, where, _field(path, where, row, "prompt", str), "prompt")
-        golden = _nonblank(path, where, _field(path, where, row, "golden_answer", str), "golden_answer")
-        id_ = _field(path, where, row, "id", str, required=False) or f"{path.stem}_{row_number}"
-        task = _field(path, where, row, "task", str, required=False) or path.stem
-        _check_unique(path, ids, id_, where)
+            raise DataFormatError(name, where, f"row must be a JSON object, got {type(row).__name__}")
+        prompt = _nonblank(name, where, _field(name, where, row, "prompt", str), "prompt")
+        golden = _nonblank(name, where, _field(name, where, row, "golden_answer", str), "golden_answer")
+        id_ = _id(name, where, row) or f"{stem_of(spec)}_{row_number}"
+        task = _field(name, where, row, "task", str, required=False) or stem_of(spec)
+        _check_unique(name, ids, id_, where)
         examples.append(GoldenExample(id_, task, prompt, golden, where))
     if not examples:
-        raise DataFormatError(path, None, "no rows")
+        raise DataFormatError(spec.name, None, "no rows")
     return examples
+
+
+# ---------------------------------------------------------------- row indices
+
+
+def row_indices(path: str | Path, num_rows: int) -> "np.ndarray":
+    """Row indices listed in a file: a selection sidecar (selection.json: {"selected": [{"index": i, ...}, ...]},
+    in rank order), a JSON list of integers, or a .npy array; each checked against `num_rows`."""
+    import numpy as np
+
+    path = Path(path)
+    if path.suffix == ".npy":
+        rows = np.load(path)
+    else:
+        data = load_json(path)
+        if isinstance(data, dict) and isinstance(data.get("selected"), list):
+            data = [entry.get("index") if isinstance(entry, dict) else entry for entry in data["selected"]]
+        if not isinstance(data, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in data):
+            raise DataFormatError(path, None, "expected a selection sidecar (selected: [{index}]) or a list of "
+                                              "row indices")
+        rows = np.asarray(data, dtype=np.int64)
+    bad = rows[(rows < 0) | (rows >= num_rows)]
+    if bad.size:
+        raise DataFormatError(path, None, f"row indices {bad[:10].tolist()} are outside the data's {num_rows} rows "
+                                          "(a selection of another pool?)")
+    return rows.astype(np.int64)

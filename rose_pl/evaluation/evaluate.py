@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rose_pl.config import JudgeArgs, PreferenceArgs, positive_int
+from rose_pl.config import JudgeArgs, PreferenceArgs, dataset_spec, positive_int
 from rose_pl.errors import ConfigError
 from rose_pl.evaluation.generation import PROMPT_FORMATS
 
@@ -65,8 +65,8 @@ def _load(model: str, adapter: str | None, dtype: str):
     return net, load_tokenizer(model)
 
 
-def _preference_metrics(net, device, data: str, model: str, *, beta, batch_size, max_seq_length, chat_template,
-                        preference: PreferenceArgs, shots_per_task) -> tuple[dict, list]:
+def _preference_metrics(net, device, data, model: str, *, beta, batch_size, max_seq_length, chat_template,
+                        preference: PreferenceArgs, shots_per_task, cache_root: str | None) -> tuple[dict, list]:
     """Pair metrics and SFT loss; returns them and the pairs in file order (for the judge)."""
     from rose_pl.data.datamodule import FeatureDataModule
     from rose_pl.evaluation.metrics import evaluate_preferences, evaluate_sft_loss
@@ -76,14 +76,16 @@ def _preference_metrics(net, device, data: str, model: str, *, beta, batch_size,
             data, model, kind=kind, max_seq_length=max_seq_length, batch_size=batch_size, shots_per_task=shots_per_task,
             all_pairs=preference.all_pairs, chat_template=chat_template, prompt_truncation=preference.prompt_truncation,
             preference_format=preference.format, max_prompt_length=preference.max_prompt_length,
-            on_invalid_pair=preference.on_invalid_pair)
+            on_invalid_pair=preference.on_invalid_pair, cache_root=cache_root)
         dm.setup("predict")
         return dm
 
-    pairs = module("preference")
-    metrics = evaluate_preferences(net, pairs.predict_dataloader(), beta=beta, device=device)
+    from rose_pl.data.formats import read_preferences
+
+    metrics = evaluate_preferences(net, module("preference").predict_dataloader(), beta=beta, device=device)
     metrics.update(evaluate_sft_loss(net, module("preference_sft").predict_dataloader(), device=device))
-    return metrics, pairs.examples
+    return metrics, read_preferences(data, shots_per_task, preference.all_pairs,
+                                     on_invalid_pair=preference.on_invalid_pair)
 
 
 def _judge_answers(net, tokenizer, judge, max_new_tokens: int, ids, prompts, references, *, label, batch_size,
@@ -128,8 +130,10 @@ def evaluate_model(
     judge: JudgeArgs | None = None,
     judgements: str | None = None,
     dtype: str = "float32",
+    cache_root: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` (+ the peft `adapter`) on the test set `data`; write `EvaluationResult` to `output`.
+    `cache_root`: where the test pairs' token caches go (named by content; default: rose_pl's user cache).
 
     Preference pairs (read and tokenized with `preference`, default `PreferenceArgs()`, and `shots_per_task`
     for ROSE JSON files): pref_accuracy, reward_accuracy, reward_margin, chosen/rejected log-prob means,
@@ -156,13 +160,14 @@ def evaluate_model(
                  data, kind, device)
         net, tokenizer = _load(model, adapter, dtype)
         net.to(device)
-        config: dict[str, Any] = {"model": model, "adapter": adapter, "data": str(data), "test_set": kind,
+        config: dict[str, Any] = {"model": model, "adapter": adapter, "data": dataset_spec(data).name, "test_set": kind,
                                   "dtype": dtype, "device": str(device), "max_seq_length": max_seq_length,
                                   "chat_template": chat_template, "prompt_format": prompt_format}
         if kind == "preference":
             metrics, pairs = _preference_metrics(net, device, data, model, beta=beta, batch_size=batch_size,
                                                  max_seq_length=max_seq_length, chat_template=chat_template,
-                                                 preference=preference, shots_per_task=shots_per_task)
+                                                 preference=preference, shots_per_task=shots_per_task,
+                                                 cache_root=cache_root)
             config.update(beta=beta, preference=asdict(preference), shots_per_task=shots_per_task)
             rows = [(p.id, p.prompt, p.chosen) for p in pairs]
         else:

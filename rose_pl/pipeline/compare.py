@@ -9,7 +9,7 @@ from rose_pl.evaluation.metrics import EvaluationResult
 from rose_pl.files import atomic_write_json, atomic_write_text, jsonable
 from rose_pl.layout import BASE, RunLayout
 from rose_pl.selection.report import comparison_table, composition
-from rose_pl.selection.select import read_selection
+from rose_pl.selection.select import read_selection, selection_meta_path
 
 METRICS = ("pref_accuracy", "reward_accuracy", "reward_margin", "sft_loss", "win_rate", "tie_rate", "loss_rate")
 """Evaluation metrics shown in the comparison (where a test set gives them)."""
@@ -22,7 +22,7 @@ def _target_rows(layout: RunLayout, methods: list[str], target: str) -> list[dic
     for method in [BASE, *methods]:
         row: dict = {"method": method}
         selected = L.selected(target, method)
-        if method != BASE and selected.is_file():
+        if method != BASE and selection_meta_path(selected).is_file():
             sidecar = read_selection(selected)
             row["selected"] = sidecar["num_selected"]
             shares = composition([r.get("dataset", "?") for r in sidecar["selected"]])

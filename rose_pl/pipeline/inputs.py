@@ -17,7 +17,7 @@ from typing import Callable
 from dataclasses import replace
 
 from rose_pl.config import PreferenceArgs, RunArgs
-from rose_pl.errors import ConfigError, RoseError
+from rose_pl.errors import ConfigError, DataFormatError, RoseError
 from rose_pl.hub import check_model_source
 
 log = logging.getLogger(__name__)
@@ -78,16 +78,32 @@ def test_set_reading(path: str, preference: PreferenceArgs) -> tuple:
     return None, replace(preference, all_pairs=False) if preference.all_pairs else preference
 
 
-def check_run_inputs(args: RunArgs) -> list:
-    """Read and validate the pool, every target's validation and test file, the model and the output folder;
-    raise one ConfigError listing every problem. Returns the pool's rows."""
-    from rose_pl.data.formats import kind_of_test_set, read_golden_answers, read_instructions, read_preferences
+POOL_SAMPLE = 1000
+"""Pool rows validated up front (all of them are, by the run's first stage, which reads and tokenizes the pool)."""
+
+
+def check_pool(data) -> None:
+    """The pool opens, has rows, and its first POOL_SAMPLE rows are valid instruction rows."""
+    from rose_pl.config import dataset_spec
+    from rose_pl.data.formats import iter_instructions
+
+    problems = dataset_spec(data).validate()
+    if problems:
+        raise ConfigError(problems)
+    first = next(iter_instructions(data, size=POOL_SAMPLE), None)
+    if not first:
+        raise DataFormatError(dataset_spec(data).name, None, "no rows")
+
+
+def check_run_inputs(args: RunArgs) -> None:
+    """Check the pool (its first rows; the cache stage reads all of them first), every target's validation and test
+    set, the model and the output folder; raise one ConfigError listing every problem."""
+    from rose_pl.data.formats import kind_of_test_set, read_golden_answers, read_preferences
     from rose_pl.evaluation.evaluate import check_evaluation
 
     start = time.perf_counter()
     problems: list[str] = []
-    pool: list = []
-    _collect(problems, "pool", lambda: pool.extend(read_instructions(args.pool, args.data.duplicate_ids)))
+    _collect(problems, "pool", lambda: check_pool(args.pool))
     for name, target in args.all_targets().items():
         pref = args.preference_of(target)
         _collect(problems, f"targets.{name}.validation", lambda t=target, p=pref: read_preferences(
@@ -111,4 +127,3 @@ def check_run_inputs(args: RunArgs) -> list:
     if problems:
         raise ConfigError(problems)
     log.info("inputs checked in %.1f s", time.perf_counter() - start)
-    return pool

@@ -18,10 +18,10 @@ from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 
-from rose_pl.config import FitArgs, PreferenceArgs, RunArgs, SelectionArgs, TargetArgs
+from rose_pl.config import FitArgs, PreferenceArgs, RunArgs, SelectionArgs, TargetArgs, dataset_spec
 from rose_pl.errors import ConfigError
-from rose_pl.files import file_digest
 from rose_pl.layout import BASE, RunLayout
+from rose_pl.selection.select import SELECTION_META_FILE
 from rose_pl.pipeline.lightning import run_lightning
 from rose_pl.pipeline.records import Records
 from rose_pl.pipeline.stages import RunManifest, Stage, run_stages
@@ -44,14 +44,11 @@ SHARDING = ("fsdp", "deepspeed")
 class Pipeline:
     """The stage graph of one run, built from its arguments."""
 
-    def __init__(self, args: RunArgs, pool=None, nodes=None):
-        """`pool`: the pool's rows if they were read already (by the input checks); `nodes`: the NodeGroup when the
-        run spans several nodes (this process is node 0)."""
+    def __init__(self, args: RunArgs, nodes=None):
+        """`nodes`: the NodeGroup when the run spans several nodes (this process is node 0)."""
         self.a = args
         self.nodes = nodes
         self._validation: dict[str, list] = {}
-        if pool is not None:
-            self.__dict__["pool"] = pool  # what the cached_property would read
         self.layout = RunLayout(args.output_dir)
         self.targets: dict[str, TargetArgs] = args.all_targets()
         self.methods: dict[str, SelectionMethod] = {}
@@ -81,16 +78,23 @@ class Pipeline:
 
     @cached_property
     def digests(self) -> dict[str, str]:
-        """Content hash of every input file: a changed file changes every stage that reads it."""
-        files = {self.a.pool} | {t.validation for t in self.targets.values()}
-        files |= {t.test for t in self.targets.values() if t.test}
-        return {f: file_digest(f) for f in files}
+        """Content hash of every input dataset: a changed one changes every stage that reads it."""
+        from rose_pl.data.sources import data_fingerprint
+
+        data = [self.a.pool, *(t.validation for t in self.targets.values())]
+        data += [t.test for t in self.targets.values() if t.test]
+        return {_ref(d): data_fingerprint(d) for d in data}
+
+    def digest(self, data) -> str:
+        return self.digests[_ref(data)]
 
     @cached_property
     def pool(self):
-        from rose_pl.data.formats import read_instructions
+        """The pool as a PoolTable over its token cache (built by the cache/pool stage)."""
+        from rose_pl.data.cache import TokenCache
+        from rose_pl.data.table import PoolTable
 
-        return read_instructions(self.a.pool, self.a.data.duplicate_ids)
+        return PoolTable.from_cache(TokenCache(self.layout.pool_cache))
 
     def validation(self, target: str):
         """The target's validation pairs as read (once per run)."""
@@ -143,8 +147,8 @@ class Pipeline:
         cfg["callbacks"] = [*cfg.get("callbacks", []), PROGRESS_CALLBACK]
         return cfg
 
-    def fit_config(self, out: Path, train_file: str, args: FitArgs, subset_fraction: float | None,
-                   save_optimizer: bool) -> dict:
+    def fit_config(self, out: Path, args: FitArgs, subset_fraction: float | None, save_optimizer: bool,
+                   selection: Path | None = None) -> dict:
         return {
             "seed_everything": args.seed,
             "trainer": self._trainer(
@@ -160,15 +164,18 @@ class Pipeline:
                       "init_args": {"model": self.a.model, "lora": asdict(args.lora), "optim": asdict(args.optim),
                                     "dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing}},
             "data": {"class_path": "rose_pl.data.datamodule.SFTDataModule",
-                     "init_args": {"train_file": train_file, "tokenizer": self.a.model, "batch_size": args.batch_size,
-                                   "subset_fraction": subset_fraction, "subset_seed": args.seed,
-                                   "shuffle_seed": args.seed, **asdict(self.a.data)}},
+                     "init_args": {"train_file": _yaml(self.a.pool), "tokenizer": self.a.model,
+                                   "batch_size": args.batch_size, "subset_fraction": subset_fraction,
+                                   "selection": str(selection) if selection is not None else None,
+                                   "subset_seed": args.seed, "shuffle_seed": args.seed,
+                                   "cache": str(self.layout.pool_cache), **asdict(self.a.data)}},
         }
 
-    def predict_config(self, name: str, module: dict, checkpoint: Path, data: dict, callbacks: list[dict],
+    def predict_config(self, name: str, module: dict, checkpoint: Path | None, data: dict, callbacks: list[dict],
                        single: bool = False) -> dict:
+        weights = {"checkpoint": str(checkpoint)} if checkpoint is not None else {}
         module = {"class_path": module["class_path"],
-                  "init_args": {**module.get("init_args", {}), "checkpoint": str(checkpoint), "model": self.a.model}}
+                  "init_args": {**module.get("init_args", {}), **weights, "model": self.a.model}}
         # Lightning writes its config.yaml into default_root_dir: the stage's own folder under logs/.
         root = self.layout.stage_log(name).with_suffix("")
         return {
@@ -182,12 +189,13 @@ class Pipeline:
     def _data(self, spec_kind: str, target: str | None) -> dict:
         """FeatureDataModule arguments for the pool (target None) or a target's validation set."""
         out = {"tokenizer": self.a.model, "kind": spec_kind, "batch_size": self.a.features.batch_size,
-               **asdict(self.a.data)}
+               "max_tokens_per_batch": self.a.features.max_tokens_per_batch, **asdict(self.a.data)}
         if target is None:
-            return {"data_file": self.a.pool, **out}
+            return {"data_file": _yaml(self.a.pool), **out, "cache": str(self.layout.pool_cache)}
         t, pref = self.targets[target], self.a.preference_of(self.targets[target])
-        out.update(data_file=t.validation, shots_per_task=t.shots_per_task, all_pairs=pref.all_pairs,
-                   on_invalid_pair=pref.on_invalid_pair, prompt_truncation=pref.prompt_truncation)
+        out.update(data_file=_yaml(t.validation), shots_per_task=t.shots_per_task, all_pairs=pref.all_pairs,
+                   on_invalid_pair=pref.on_invalid_pair, prompt_truncation=pref.prompt_truncation,
+                   cache=str(self.layout.target_cache(target, spec_kind)))
         if spec_kind == "preference":
             out.update(preference_format=pref.format, max_prompt_length=pref.max_prompt_length)
         return out
@@ -204,11 +212,11 @@ class Pipeline:
         return callbacks
 
     # ---- stage builders ----------------------------------------------------------------------------
-    def _lightning_stage(self, name: str, command: str, config: dict, data_file: str, outputs: list[Path],
+    def _lightning_stage(self, name: str, command: str, config: dict, data_file, outputs: list[Path],
                          depends: list[str], resume: Path | None = None, report=None) -> Stage:
         single = config["trainer"]["devices"] == 1 and config["trainer"]["num_nodes"] == 1
         stage = Stage(name, {"yaml": self._portable(_fingerprinted(config, command)),
-                             "data": self.digests[data_file]}, depends=depends,
+                             "data": self.digest(data_file)}, depends=depends,
                       outputs=[self.layout.relative(o) for o in outputs], report=report)
         stage.action = lambda: run_lightning(command, self.recorded(config, [stage]), self.layout.stage_config(name),
                                              subprocess_run=self.a.trainer.multi_process() and not single,
@@ -248,22 +256,60 @@ class Pipeline:
             name += f"/epoch-{epoch}" if epoch else ""
             ckpt = self.layout.checkpoint(epoch or self.epochs[-1])
             data = self._data(spec.kind, target)
+            deps = ["warmup", self._cache_name(target, spec.kind)]
+            if target is not None and self._needs_reference(spec.module):
+                data["reference"] = str(self.layout.reference(target, spec.side))
+                deps.append(self._reference_name(target, spec.side))
             config = self.predict_config(name, spec.module, ckpt, data, self._store_callbacks(spec, out),
                                          single=target is not None)
-            stages.append(self._lightning_stage(name, "predict", config, data["data_file"], [out], ["warmup"],
+            stages.append(self._lightning_stage(name, "predict", config, data["data_file"], [out], deps,
                                                 report=lambda out=out: _store_figures(out)))
         return stages
 
     def _means_stage(self, target: str, method: GradientMethod, epoch: int) -> Stage:
         out = self.layout.means(target, method.side, epoch)
         data = self._data(method.kind, target)
+        deps = ["warmup", self._cache_name(target, method.kind)]
+        module = method.validation_module(self.a.features)
+        if self._needs_reference(module):
+            data["reference"] = str(self.layout.reference(target, method.side))
+            deps.append(self._reference_name(target, method.side))
         name = f"targets/{target}/means/{method.side}/epoch-{epoch}"
         callbacks = [{"class_path": "rose_pl.features.exact.TaskMeanWriter",
                       "init_args": {"output_dir": str(out), "side": method.side}}]
-        config = self.predict_config(name, method.validation_module(self.a.features), self.layout.checkpoint(epoch),
-                                     data, callbacks, single=True)
-        return self._lightning_stage(name, "predict", config, data["data_file"], [out], ["warmup"],
+        config = self.predict_config(name, module, self.layout.checkpoint(epoch), data, callbacks, single=True)
+        return self._lightning_stage(name, "predict", config, data["data_file"], [out], deps,
                                      report=lambda: _means_figures(out))
+
+    # ---- the DPO reference, once per target and side -------------------------------------------------
+    @staticmethod
+    def _needs_reference(module: dict) -> bool:
+        """Whether a validation module's objective is DPO against the adapter-disabled base model."""
+        objective = module.get("init_args", {}).get("objective") or {}
+        return (str(objective.get("class_path", "")).endswith("DPOObjective")
+                and objective.get("init_args", {}).get("reference", "adapter_disabled") == "adapter_disabled")
+
+    @staticmethod
+    def _reference_name(target: str, side: str) -> str:
+        return f"targets/{target}/reference/{side}"
+
+    def _reference_stage(self, target: str, side: str) -> Stage:
+        """The base model's log-probs of the target's pairs: computed once, used at every checkpoint."""
+        out = self.layout.reference(target, side)
+        data = self._data("preference", target)
+        module = {"class_path": "rose_pl.features.reference.ReferenceLogProbs",
+                  "init_args": {"dtype": self.a.features.dtype}}
+        callbacks = [{"class_path": "rose_pl.features.reference.ReferenceWriter", "init_args": {"output_dir": str(out)}}]
+        name = self._reference_name(target, side)
+        config = self.predict_config(name, module, None, data, callbacks, single=True)
+        return self._lightning_stage(name, "predict", config, data["data_file"], [out],
+                                     [self._cache_name(target, "preference")], report=lambda: {"rows": _rows_of(out)})
+
+    def _reference_sides(self, val_specs: dict[str, FeatureSpec]) -> list[str]:
+        modules = {spec.side: spec.module for spec in val_specs.values()}
+        if self.scoring == "exact":
+            modules |= {m.side: m.validation_module(self.a.features) for m in self.gradient_methods()}
+        return sorted(side for side, module in modules.items() if self._needs_reference(module))
 
     def _exact_stages(self, targets: list[str], means: dict[str, dict[int, list[str]]]) -> list[Stage]:
         """One stage per (target, checkpoint); the due ones of a checkpoint run as one pass over the pool."""
@@ -288,22 +334,57 @@ class Pipeline:
                 out = self.layout.exact(t, epoch)
                 probe = self.predict_config(f"exact/{t}", train.module, self.layout.checkpoint(epoch),
                                             self._data("sft", None), [])
-                config = {"target": t, "pool": self.digests[self.a.pool], "module": self._portable(probe["model"]),
-                          "data": probe["data"], "means_dtype": self.a.features.means_dtype,
+                probe = _without_batching(probe)
+                config = {"target": t, "pool": self.digest(self.a.pool), "module": self._portable(probe["model"]),
+                          "data": self._portable(probe["data"]), "means_dtype": self.a.features.means_dtype,
                           "precision": self.a.trainer.precision}
-                stages.append(Stage(f"targets/{t}/exact/epoch-{epoch}", config, depends=["warmup", *means[t][epoch]],
+                stages.append(Stage(f"targets/{t}/exact/epoch-{epoch}", config,
+                                    depends=["warmup", "cache/pool", *means[t][epoch]],
                                     outputs=[self.layout.relative(out)], group=f"exact/epoch-{epoch}",
                                     group_action=run_pass, report=lambda out=out: _store_figures(out)))
         return stages
+
+    # ---- token caches ------------------------------------------------------------------------------
+    @staticmethod
+    def _cache_name(target: str | None, kind: str) -> str:
+        return "cache/pool" if target is None else f"targets/{target}/cache/{kind}"
+
+    def _cache_stage(self, target: str | None, kind: str) -> Stage:
+        """Read, validate and tokenize the pool (or a target's validation set as `kind`) once for the whole run."""
+        from rose_pl.data.cache import TokenCache, build_cache
+        from rose_pl.data.datamodule import FeatureDataModule
+
+        args = self._data(kind, target)
+        folder = Path(args["cache"])
+        settings = FeatureDataModule(**args).cache_settings()  # exactly what the stages' DataModules will ask for
+        data = self.a.pool if target is None else self.targets[target].validation
+        config = {"data": self.digest(data), "model": self.a.model, "settings": asdict(settings)}
+
+        def build() -> None:
+            build_cache(data, self.a.model, settings, folder, num_proc=self.a.data.num_proc)
+
+        def figures() -> dict:
+            return TokenCache(folder).figures()
+
+        return Stage(self._cache_name(target, kind), config, build, outputs=[self.layout.relative(folder)],
+                     report=figures)
+
+    def _validation_kinds(self, val_specs: dict[str, FeatureSpec]) -> list[str]:
+        kinds = {spec.kind for spec in val_specs.values()}
+        if self.scoring == "exact":
+            kinds |= {m.kind for m in self.gradient_methods()}
+        return sorted(kinds)
 
     def stages(self) -> list[Stage]:
         a, L = self.a, self.layout
         pool_specs, val_specs, sides = self._specs()
         needs_warmup = any(m.needs_warmup for m in self.methods.values())
-        stages: list[Stage] = []
+        stages: list[Stage] = [self._cache_stage(None, "sft")]
+        stages += [self._cache_stage(t, kind) for t in self.targets for kind in self._validation_kinds(val_specs)]
+        stages += [self._reference_stage(t, side) for t in self.targets for side in self._reference_sides(val_specs)]
         if needs_warmup:
-            warm = self.fit_config(L.warmup, a.pool, a.warmup, a.warmup.fraction, save_optimizer=True)
-            stages.append(self._lightning_stage("warmup", "fit", warm, a.pool, [L.warmup], [],
+            warm = self.fit_config(L.warmup, a.warmup, a.warmup.fraction, save_optimizer=True)
+            stages.append(self._lightning_stage("warmup", "fit", warm, a.pool, [L.warmup], ["cache/pool"],
                                                 resume=L.resume_checkpoint(L.warmup),
                                                 report=lambda: _checkpoint_figures(L.checkpoints)))
         pool_stages = {side: self._feature_stages(spec, None) for side, spec in pool_specs.items()}
@@ -328,7 +409,8 @@ class Pipeline:
         for t, target in self.targets.items():
             sel = a.selection_of(target)
             for name, method in self.methods.items():
-                deps = [s.name for side in sides[name] for s in pool_stages.get(side, []) + val_stages.get((t, side), [])]
+                deps = ["cache/pool"]
+                deps += [s.name for side in sides[name] for s in pool_stages.get(side, []) + val_stages.get((t, side), [])]
                 if isinstance(method, GradientMethod) and self.scoring == "exact":
                     deps += [s.name for s in exact if s.config["target"] == t]
                 if method.needs_warmup:
@@ -336,8 +418,8 @@ class Pipeline:
                 pref = asdict(a.preference_of(target))
                 if not method.needs_warmup:  # a baseline reads the pairs, never tokenizes them
                     pref = {k: pref[k] for k in ("on_invalid_pair", "all_pairs")}
-                config = {"method": name, "selection": asdict(sel), "pool": self.digests[a.pool],
-                          "validation": self.digests[target.validation], "shots": target.shots_per_task,
+                config = {"method": name, "selection": asdict(sel), "pool": self.digest(a.pool),
+                          "validation": self.digest(target.validation), "shots": target.shots_per_task,
                           "preference": pref, "duplicate_ids": a.data.duplicate_ids,
                           "scoring": self.scoring if isinstance(method, GradientMethod) else None}
                 out = L.selection(t, name)
@@ -346,14 +428,15 @@ class Pipeline:
                                     outputs=[L.relative(out)], report=lambda out=out: _selection_figures(out)))
             for name in self.finetune_methods:
                 out = L.finetune(t, name)
-                cfg = self.fit_config(out, str(L.selected(t, name)), a.finetune, None, save_optimizer=False)
+                cfg = self.fit_config(out, a.finetune, None, save_optimizer=False,
+                                      selection=L.selection(t, name) / SELECTION_META_FILE)
                 stage = self._lightning_stage(f"targets/{t}/finetune/{name}", "fit", cfg, a.pool, [out],
                                               [f"targets/{t}/selection/{name}"], resume=L.resume_checkpoint(out),
                                               report=lambda t=t, name=name: _checkpoint_figures(L.finetune_checkpoints(t, name)))
                 stages.append(stage)  # what it trains on follows from the selection stage it depends on
             if target.test:
                 for name in [BASE, *self.finetune_methods]:
-                    config = {"eval": asdict(a.evaluation), "test": self.digests[target.test], "model": a.model,
+                    config = {"eval": asdict(a.evaluation), "test": self.digest(target.test), "model": a.model,
                               "dtype": a.finetune.dtype, "data": asdict(a.data),
                               "preference": asdict(a.preference_of(target)), "shots": target.shots_per_task}
                     out = L.evaluation(t, name)
@@ -389,17 +472,19 @@ class Pipeline:
         from rose_pl.selection.influence import save_scores
         from rose_pl.selection.select import select_and_write
 
+        pool = self.pool
         result = self.methods[method].score(self.scoring_context(target, method))
-        if result.num_rows != len(self.pool):
-            raise ConfigError(f"{method}: {result.num_rows} scores for a pool of {len(self.pool)} rows ({self.a.pool})")
+        if result.num_rows != pool.num_rows:
+            raise ConfigError(f"{method}: {result.num_rows} scores for a pool of {pool.num_rows} rows ({pool.name})")
         sel: SelectionArgs = self.a.selection_of(self.targets[target])
-        save_scores(self.layout.scores(target, method), result, [e.id for e in self.pool],
-                    [e.dataset for e in self.pool], meta={"method": method, "target": target, "pool": self.a.pool})
+        save_scores(self.layout.scores(target, method), result, pool.ids, (pool.dataset_codes, pool.dataset_names),
+                    meta={"method": method, "target": target, "pool": pool.name})
         dropped = result.info.get("dropped_train_rows", [])
-        select_and_write(self.layout.selection(target, method), result, self.pool, source=self.a.pool,
+        select_and_write(self.layout.selection(target, method), result, pool, source=pool.name,
                          fraction=None if sel.k else sel.fraction, k=sel.k, seed=sel.seed,
                          title=f"{method.upper()} selection for target {target}",
-                         extra={"method": method, "target": target, "validation": self.targets[target].validation,
+                         extra={"method": method, "target": target,
+                                "validation": dataset_spec(self.targets[target].validation).name,
                                 "scoring": self.scoring if isinstance(self.methods[method], GradientMethod) else "-",
                                 "pool rows without scores (dropped, never selected)": len(dropped)})
 
@@ -417,7 +502,8 @@ class Pipeline:
                        beta=e.beta, batch_size=e.batch_size, max_seq_length=self.a.data.max_seq_length,
                        chat_template=self.a.data.chat_template, preference=pref, shots_per_task=shots,
                        prompt_format=e.prompt_format, judge=e.judge,
-                       judgements=str(self.layout.judgements(target, method)), dtype=self.a.finetune.dtype)
+                       judgements=str(self.layout.judgements(target, method)), dtype=self.a.finetune.dtype,
+                       cache_root=str(self.layout.path("cache", "tests")))
 
     def compare(self) -> None:
         from rose_pl.pipeline.compare import write_comparison
@@ -444,9 +530,25 @@ def _fingerprinted(config: dict, command: str) -> dict:
     trainer = dict(config["trainer"])
     if command == "predict":
         trainer = {k: v for k, v in trainer.items() if k not in ("accelerator", "devices", "num_nodes", "strategy")}
-    elif isinstance(trainer.get("strategy"), dict):
+        return {**_without_batching(config), "trainer": trainer}
+    if isinstance(trainer.get("strategy"), dict):
         trainer["strategy"] = trainer["strategy"]["class_path"]
     return {**config, "trainer": trainer}
+
+
+PREDICT_BATCHING = {"data": ("batch_size", "max_tokens_per_batch", "num_workers", "num_proc"),
+                    "model": ("max_tokens_per_pass",)}
+"""Settings of a predict stage that change how rows are batched, not its outputs (tested: features do not depend
+on the batch size, the token budget or how a batch is split into passes): left out of its fingerprint."""
+
+
+def _without_batching(config: dict) -> dict:
+    out = dict(config)
+    for part, keys in PREDICT_BATCHING.items():
+        if part in out and isinstance(out[part], dict):
+            init = {k: v for k, v in out[part].get("init_args", {}).items() if k not in keys}
+            out[part] = {**out[part], "init_args": init}
+    return out
 
 
 # ---- figures recorded in run.json ---------------------------------------------------------------------
@@ -479,7 +581,26 @@ def _selection_figures(folder: Path) -> dict:
     from rose_pl.selection.select import read_selection
 
     sidecar = read_selection(folder / SELECTED_FILE)
-    return {"rows": sidecar["pool_size"], "selected": sidecar["num_selected"], "file": str(folder / SELECTED_FILE)}
+    return {"rows": sidecar["pool_size"], "selected": sidecar["num_selected"],
+            "file": str(folder / sidecar.get("file", SELECTED_FILE))}
+
+
+def _rows_of(folder: Path) -> int:
+    from rose_pl.layout import REFERENCE_META
+
+    return int(json.loads((folder / REFERENCE_META).read_text())["rows"])
+
+
+def _ref(data) -> str:
+    """A dataset reference as a dict key: the path as given, or a spec's (or its YAML dict's) fields."""
+    if isinstance(data, str):
+        return data
+    return json.dumps(asdict(data) if not isinstance(data, dict) else data, sort_keys=True)
+
+
+def _yaml(data):
+    """A dataset reference as YAML gives it to a DataModule: the path, or the spec's fields."""
+    return data if isinstance(data, str) else asdict(data)
 
 
 def _evaluation_figures(path: Path) -> dict:
@@ -522,8 +643,8 @@ def _run_here(args: RunArgs, nodes=None) -> dict[str, str]:
     with RunLock(args.output_dir):
         if nodes is not None:
             nodes.check_shared_storage(args.output_dir)
-        pool = check_run_inputs(args)
-        pipeline = Pipeline(args, pool=pool, nodes=nodes)
+        check_run_inputs(args)
+        pipeline = Pipeline(args, nodes=nodes)
         done = pipeline.run()
         save_summary(args, done)
     log.info("run complete: %d stages ran, %d skipped", sum(v == "ran" for v in done.values()),
@@ -536,8 +657,8 @@ def node_facts(args: RunArgs) -> dict:
     from rose_pl.hub import check_model_source
     from rose_pl.pipeline.stages import fingerprint
 
-    files = {args.pool} | {t.validation for t in args.all_targets().values()}
-    files |= {t.test for t in args.all_targets().values() if t.test}
+    data = [args.pool, *(t.validation for t in args.all_targets().values())]
+    data += [t.test for t in args.all_targets().values() if t.test]
     try:
         check_model_source(args.model)
         model = None
@@ -546,7 +667,17 @@ def node_facts(args: RunArgs) -> dict:
     # The output folder is left out: whether every node sees the same one is the shared-storage check's to say.
     settings = {k: v for k, v in asdict(args).items() if k != "output_dir"}
     return {"config": fingerprint(settings), "model": model,
-            "inputs": {f: Path(f).stat().st_size if Path(f).exists() else None for f in sorted(files)}}
+            "inputs": {_ref(d): _size(d) for d in data}}
+
+
+def _size(data):
+    """A local dataset's size in bytes (files summed for a folder), None when missing; a hub id's own name."""
+    path = Path(dataset_spec(data).path).expanduser()
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return None if str(dataset_spec(data).path).startswith((".", "/", "~")) else f"hub:{dataset_spec(data).name}"
 
 
 def _coordinate(args: RunArgs, nodes) -> dict[str, str]:

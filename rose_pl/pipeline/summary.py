@@ -42,7 +42,8 @@ def collect(args: RunArgs, done: dict[str, str]) -> dict:
         parts = name.split("/")
         if len(parts) == 4 and parts[0] == "targets" and parts[2] == "selection":
             figures = (manifest.entry(name) or {}).get("figures") or {}
-            selections.append({"target": parts[1], "method": parts[3], "file": str(layout.selected(parts[1], parts[3])),
+            selections.append({"target": parts[1], "method": parts[3],
+                               "file": figures.get("file") or str(layout.selected(parts[1], parts[3])),
                                "report": str(layout.selection(parts[1], parts[3]) / REPORT_FILE),
                                "selected": figures.get("selected")})
     return {"output_dir": str(layout.root), "scoring": manifest.data.get("scoring"), "stages": stages,

@@ -32,10 +32,10 @@ from rose_pl.progress import Progress
 log = logging.getLogger(__name__)
 
 SCORES_ARRAYS_FILE = "scores.npz"
-"""Arrays of a saved score set: scores, per_task, best_task, weights, ids, datasets."""
+"""Arrays of a saved score set: scores, per_task, best_task, weights, ids (utf-8 blob + offsets), dataset codes."""
 SCORES_META_FILE = "scores.json"
 """Sidecar of a saved score set: tasks, caller metadata; written last, so its presence means complete."""
-SCORES_FORMAT_VERSION = 1
+SCORES_FORMAT_VERSION = 2
 
 DEFAULT_BLOCK_SIZE = 8192
 """Training rows per block; the block's float32 buffer takes block_size * d * 4 bytes (256 MiB at d=8192)."""
@@ -413,26 +413,45 @@ class SavedScores:
     """A score set read back from disk: the result plus the ids/datasets of its rows and caller metadata."""
 
     result: InfluenceResult
-    ids: list[str]
-    datasets: list[str]
+    ids: Any
+    """Each row's id: a StringColumn (list-like: `[i]`, `len`, `tolist()`)."""
+    dataset_codes: np.ndarray
+    dataset_names: list[str]
     meta: dict[str, Any]
 
+    @property
+    def datasets(self) -> list[str]:
+        """Each row's source dataset (O(N) strings: prefer the codes and names for a large pool)."""
+        return [self.dataset_names[c] for c in self.dataset_codes]
 
-def save_scores(path: str | os.PathLike, result: InfluenceResult, ids: Sequence[str], datasets: Sequence[str],
+
+def save_scores(path: str | os.PathLike, result: InfluenceResult, ids, datasets,
                 meta: dict[str, Any] | None = None) -> Path:
-    """Write `result` into folder `path` (SCORES_ARRAYS_FILE, then SCORES_META_FILE), each atomically."""
+    """Write `result` into folder `path` (SCORES_ARRAYS_FILE, then SCORES_META_FILE), each atomically.
+
+    ids: a list of strings or a StringColumn (a million ids take a few MB, never a Python list); datasets: a list of
+    names, or (codes, names) with one code per row."""
+    from rose_pl.data.table import StringColumn
+
     n = result.num_rows
-    if len(ids) != n or len(datasets) != n:
-        raise ConfigError(f"{n} scores but {len(ids)} ids and {len(datasets)} datasets")
+    column = ids if isinstance(ids, StringColumn) else StringColumn.of(list(ids))
+    if isinstance(datasets, tuple):
+        codes, names = np.asarray(datasets[0], dtype=np.uint32), list(datasets[1])
+    else:
+        names = sorted(set(datasets))
+        lookup = {name: i for i, name in enumerate(names)}
+        codes = np.asarray([lookup[d] for d in datasets], dtype=np.uint32)
+    if len(column) != n or len(codes) != n:
+        raise ConfigError(f"{n} scores but {len(column)} ids and {len(codes)} datasets")
     folder = Path(path)
     arrays = {
         "scores": result.scores, "per_task": result.per_task, "best_task": result.best_task,
-        "weights": result.weights, "ids": np.asarray(list(ids), dtype=str),
-        "datasets": np.asarray(list(datasets), dtype=str),
+        "weights": result.weights, "ids_blob": np.asarray(column.blob), "ids_offsets": np.asarray(column.offsets),
+        "dataset_codes": codes,
     }
     atomic_write(folder / SCORES_ARRAYS_FILE, lambda f: np.savez(f, **arrays))
     sidecar = {"format_version": SCORES_FORMAT_VERSION, "num_rows": n, "tasks": list(result.tasks),
-               "info": result.info, "meta": meta or {}}
+               "dataset_names": names, "info": result.info, "meta": meta or {}}
     text = json.dumps(sidecar, indent=2, default=str).encode()
     atomic_write(folder / SCORES_META_FILE, lambda f: f.write(text))
     return folder
@@ -440,20 +459,29 @@ def save_scores(path: str | os.PathLike, result: InfluenceResult, ids: Sequence[
 
 def load_scores(path: str | os.PathLike) -> SavedScores:
     """Read a folder written by `save_scores`."""
+    from rose_pl.data.table import StringColumn
+
     folder = Path(path)
     meta_path, arrays_path = folder / SCORES_META_FILE, folder / SCORES_ARRAYS_FILE
     if not meta_path.exists() or not arrays_path.exists():
         raise DataFormatError(folder, None, f"not a complete score set ({SCORES_ARRAYS_FILE} + {SCORES_META_FILE})")
-    sidecar = json.loads(meta_path.read_text())
+    try:
+        sidecar = json.loads(meta_path.read_text())
+    except ValueError as e:
+        raise DataFormatError(meta_path, None, f"not valid JSON ({e})") from None
     if sidecar.get("format_version") != SCORES_FORMAT_VERSION:
         raise DataFormatError(meta_path, "format_version", f"expected {SCORES_FORMAT_VERSION}, "
                                                            f"got {sidecar.get('format_version')!r}")
-    with np.load(arrays_path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    try:
+        with np.load(arrays_path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as e:  # a truncated or foreign file
+        raise DataFormatError(arrays_path, None, f"cannot be read ({type(e).__name__}: {e})") from None
     if arrays["scores"].shape[0] != sidecar["num_rows"]:
         raise DataFormatError(arrays_path, "scores", f"{arrays['scores'].shape[0]} rows, sidecar says "
                                                      f"{sidecar['num_rows']}")
     result = InfluenceResult(scores=arrays["scores"], per_task=arrays["per_task"], best_task=arrays["best_task"],
                              tasks=list(sidecar["tasks"]), weights=arrays["weights"], info=sidecar.get("info", {}))
-    return SavedScores(result=result, ids=arrays["ids"].tolist(), datasets=arrays["datasets"].tolist(),
+    return SavedScores(result=result, ids=StringColumn(arrays["ids_blob"], arrays["ids_offsets"]),
+                       dataset_codes=arrays["dataset_codes"], dataset_names=sidecar["dataset_names"],
                        meta=sidecar.get("meta", {}))

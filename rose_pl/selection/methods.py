@@ -24,7 +24,8 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 
 from rose_pl.config import FeatureArgs
-from rose_pl.data.formats import InstructionExample, PreferenceExample
+from rose_pl.data.formats import PreferenceExample
+from rose_pl.data.table import PoolTable
 from rose_pl.errors import ConfigError
 from rose_pl.registry import METHODS
 from rose_pl.selection.influence import InfluenceResult, exact_scores, score_stores
@@ -64,7 +65,9 @@ class FeatureSpec:
 class ScoringContext:
     """What a method's score function may use, for one target of one run."""
 
-    pool: list[InstructionExample]
+    pool: PoolTable
+    """The pool: ids, source datasets and drops as arrays (`num_rows`, `ids`, `dataset_codes`, `dropped`), texts
+    streamed from its source (`texts()`), a few rows by index."""
     validation: list[PreferenceExample]
     """The target's validation pairs (invalid ones dropped, as read)."""
     seed: int
@@ -194,7 +197,7 @@ def _bm25(ctx: ScoringContext) -> InfluenceResult:
     from rose_pl.selection.baselines import bm25_scores
 
     val_texts = [f"{v.prompt}\n{v.chosen}" for v in ctx.validation]
-    scores, per_task, tasks = bm25_scores((e.text for e in ctx.pool), val_texts, ctx.task_ids)
+    scores, per_task, tasks = bm25_scores(ctx.pool.texts(), val_texts, ctx.task_ids)
     return InfluenceResult(scores.astype(np.float32), per_task.astype(np.float32), per_task.argmax(1), tasks,
                            np.ones(1), {"method": "bm25"})
 
@@ -202,8 +205,9 @@ def _bm25(ctx: ScoringContext) -> InfluenceResult:
 def _random(ctx: ScoringContext) -> InfluenceResult:
     from rose_pl.selection.baselines import random_scores
 
-    scores = random_scores(len(ctx.pool), ctx.seed).astype(np.float32)
-    return InfluenceResult(scores, scores[:, None], np.zeros(len(ctx.pool), dtype=np.int64), ["any"], np.ones(1),
+    n = ctx.pool.num_rows
+    scores = random_scores(n, ctx.seed).astype(np.float32)
+    return InfluenceResult(scores, scores[:, None], np.zeros(n, dtype=np.int64), ["any"], np.ones(1),
                            {"method": "random"})
 
 

@@ -41,11 +41,23 @@ def composition(labels: Sequence[str], selected: Sequence[int] | np.ndarray | No
     return {k: 100.0 * v / total for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))}
 
 
-def _composition_rows(labels: list[str], selected: np.ndarray) -> list[tuple[str, int, float, int, float]]:
-    pool, sel = Counter(labels), Counter(labels[i] for i in selected)
-    n_pool, n_sel = max(1, len(labels)), max(1, len(selected))
-    order = sorted(pool, key=lambda k: (-pool[k], k))
-    return [(k, pool[k], 100.0 * pool[k] / n_pool, sel[k], 100.0 * sel[k] / n_sel) for k in order]
+def _codes(labels) -> tuple[np.ndarray, list[str]]:
+    """(one code per row, the names): labels given as a list of names, or as (codes, names) already."""
+    if isinstance(labels, tuple):
+        return np.asarray(labels[0], dtype=np.int64), list(labels[1])
+    names = sorted(set(labels))
+    lookup = {n: i for i, n in enumerate(names)}
+    return np.asarray([lookup[x] for x in labels], dtype=np.int64), names
+
+
+def _composition_rows(labels, selected: np.ndarray) -> list[tuple[str, int, float, int, float]]:
+    """Per label: pool rows, pool %, selected rows, selected %; counted over codes (no per-row Python objects)."""
+    codes, names = _codes(labels)
+    pool = np.bincount(codes, minlength=len(names))
+    sel = np.bincount(codes[selected], minlength=len(names)) if len(selected) else np.zeros(len(names), np.int64)
+    n_pool, n_sel = max(1, len(codes)), max(1, len(selected))
+    order = sorted((k for k in range(len(names)) if pool[k]), key=lambda k: (-pool[k], names[k]))
+    return [(names[k], int(pool[k]), 100.0 * pool[k] / n_pool, int(sel[k]), 100.0 * sel[k] / n_sel) for k in order]
 
 
 def _composition_table(rows: list[tuple[str, int, float, int, float]], what: str) -> str:
@@ -94,11 +106,12 @@ def _plot_composition(path: Path, rows: list[tuple[str, int, float, int, float]]
     fig.savefig(path)
 
 
-def _examples_table(rows: Sequence[int], ranks: dict[int, int], ids, datasets, scores, texts, chars: int) -> str:
+def _examples_table(rows: Sequence[int], ranks: dict[int, int], ids, dataset_of, scores, texts: dict | None,
+                    chars: int) -> str:
     head = "| rank | id | dataset | score |" + (" prompt |" if texts is not None else "")
     lines = [head, "|---:|---|---|---:|" + ("---|" if texts is not None else "")]
     for i in rows:
-        cells = [str(ranks[i] + 1), _md(ids[i]), _md(datasets[i]), f"{scores[i]:.4g}"]
+        cells = [str(ranks[i] + 1), _md(ids[i]), _md(dataset_of(i)), f"{scores[i]:.4g}"]
         if texts is not None:
             cells.append(_md(texts[i], chars))
         lines.append("| " + " | ".join(cells) + " |")
@@ -109,9 +122,9 @@ def write_report(
     out_dir: str | os.PathLike,
     scores: np.ndarray,
     selected: Sequence[int] | np.ndarray,
-    datasets: Sequence[str],
-    ids: Sequence[str],
-    texts: Sequence[str] | None = None,
+    datasets,
+    ids,
+    texts=None,
     best_task: np.ndarray | None = None,
     tasks: Sequence[str] | None = None,
     title: str = "Selection report",
@@ -121,16 +134,18 @@ def write_report(
 ) -> Path:
     """Write REPORT_FILE and its plots into `out_dir`; returns the report's path.
 
-    selected: row indices in rank order (as from `selection.select`). best_task / tasks (optional) add the
-    composition by best-matching task and the top `top_n` selected examples per task; without them the top
-    examples are listed overall. extra: settings shown at the end (method, fraction, seed, ...).
+    selected: row indices in rank order (as from `selection.select`). datasets: a name per row, or (codes, names).
+    ids: anything indexable by row (a list, a StringColumn). texts: a list, or a function from row indices to their
+    texts, called only for the rows shown. best_task / tasks (optional) add the composition by best-matching task
+    and the top `top_n` selected examples per task; without them the top examples are listed overall. extra:
+    settings shown at the end (method, fraction, seed, ...).
     """
     s = np.asarray(scores, dtype=np.float64)
     sel = np.asarray(selected, dtype=np.int64).reshape(-1)
     n = s.shape[0]
-    problems = [f"{len(v)} {name} for {n} scores" for name, v in
-                (("datasets", datasets), ("ids", ids), ("texts", texts), ("best_task", best_task))
-                if v is not None and len(v) != n]
+    sized = [("datasets", datasets[0] if isinstance(datasets, tuple) else datasets), ("ids", ids),
+             ("texts", None if callable(texts) else texts), ("best_task", best_task)]
+    problems = [f"{len(v)} {name} for {n} scores" for name, v in sized if v is not None and len(v) != n]
     if (best_task is None) != (tasks is None):
         problems.append("give best_task and tasks together")
     if sel.size and (sel.min() < 0 or sel.max() >= n):
@@ -139,7 +154,7 @@ def write_report(
         raise ConfigError(problems)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    datasets, ids = [str(d) for d in datasets], [str(i) for i in ids]
+    codes, names = _codes(datasets)
     ranks = {int(i): r for r, i in enumerate(sel)}
     md = [f"# {_md(title)}", "", "## Summary", "",
           f"- pool rows: {n}",
@@ -153,26 +168,35 @@ def write_report(
     md += ["", "## Score distribution", "", f"![score histogram]({SCORES_PLOT})", ""]
     _plot_scores(out / SCORES_PLOT, s, sel, title)
 
-    ds_rows = _composition_rows(datasets, sel)
+    ds_rows = _composition_rows((codes, names), sel)
     _plot_composition(out / DATASET_PLOT, ds_rows, "source dataset")
     md += ["## Composition by source dataset", "", _composition_table(ds_rows, "dataset"), "",
            f"![composition by dataset]({DATASET_PLOT})", ""]
 
     if best_task is not None:
         task_names = [str(t) for t in tasks]
-        labels = [task_names[int(t)] for t in np.asarray(best_task)]
-        task_rows = _composition_rows(labels, sel)
+        task_rows = _composition_rows((np.asarray(best_task, dtype=np.int64), task_names), sel)
         _plot_composition(out / TASK_PLOT, task_rows, "best-matching task")
         md += ["## Composition by best-matching task", "", _composition_table(task_rows, "task"), "",
                f"![composition by task]({TASK_PLOT})", "", f"## Top {top_n} selected examples per task", ""]
-        for t, name in enumerate(task_names):
-            rows = [int(i) for i in sel if int(best_task[i]) == t][:top_n]
-            md += [f"### {_md(name)}", ""]
-            md += [_examples_table(rows, ranks, ids, datasets, s, texts, text_chars) if rows
-                   else "No selected row matches this task best.", ""]
+        best = np.asarray(best_task, dtype=np.int64)[sel]
+        per_task = {t: [int(i) for i in sel[best == t][:top_n]] for t in range(len(task_names))}
     else:
-        md += [f"## Top {top_n} selected examples", "",
-               _examples_table([int(i) for i in sel[:top_n]], ranks, ids, datasets, s, texts, text_chars), ""]
+        per_task = {None: [int(i) for i in sel[:top_n]]}
+    shown = sorted({i for rows in per_task.values() for i in rows})
+    # Texts of the rows shown only: a report never reads the whole pool.
+    if texts is None:
+        shown_texts = None
+    else:
+        shown_texts = dict(zip(shown, texts(shown) if callable(texts) else [texts[i] for i in shown]))
+    dataset_of = lambda i: names[codes[i]]  # noqa: E731
+    for t, rows in per_task.items():
+        if t is None:
+            md += [f"## Top {top_n} selected examples", ""]
+        else:
+            md += [f"### {_md(task_names[t])}", ""]
+        md += [_examples_table(rows, ranks, ids, dataset_of, s, shown_texts, text_chars) if rows
+               else "No selected row matches this task best.", ""]
 
     if extra:
         md += ["## Settings", ""] + [f"- {_md(k)}: {_md(v)}" for k, v in extra.items()] + [""]

@@ -87,6 +87,34 @@ def select(scores: np.ndarray, *, fraction: float | None = DEFAULT_FRACTION, k: 
     return rank(s, seed=seed)[: budget(s.shape[0], fraction=fraction, k=k)]
 
 
+def write_sidecar(folder: str | os.PathLike, selected: np.ndarray, num_rows: int, file: str, *, ids=None,
+                  dataset_of=None, scores: np.ndarray | None = None, fraction: float | None = None,
+                  k: int | None = None, seed: int | None = None, source=None) -> Path:
+    """selection.json beside the selected rows: each selected row's rank, index, id, dataset and score (best first),
+    the settings, the source, and the name of the file holding the rows."""
+    rows = []
+    for r, i in enumerate(selected.tolist()):
+        entry: dict[str, Any] = {"rank": r, "index": i, "id": ids[i] if ids is not None else None}
+        if dataset_of is not None:
+            entry["dataset"] = dataset_of(i)
+        if scores is not None:
+            entry["score"] = float(scores[i])
+        rows.append(entry)
+    if source is None or isinstance(source, (str, os.PathLike)):
+        sources = None if source is None else [str(source)]
+    else:
+        sources = [str(s) for s in source]
+    sidecar = {
+        "file": file, "jsonl": file, "pool_size": num_rows, "num_selected": int(selected.size), "fraction": fraction,
+        "k": k, "seed": seed, "source": sources,
+        "threshold": float(min(float(scores[i]) for i in selected)) if scores is not None and selected.size else None,
+        "selected": rows,
+    }
+    path = Path(folder) / SELECTION_META_FILE
+    atomic_write_text(path, json.dumps(sidecar, indent=1, ensure_ascii=False))
+    return path
+
+
 def write_selection(
     pool_rows: Sequence[dict[str, Any]],
     selected: Sequence[int] | np.ndarray,
@@ -100,11 +128,12 @@ def write_selection(
     seed: int | None = None,
     source: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> Path:
-    """Write the selected pool rows, unchanged and in rank order, as JSONL at `path`, plus the sidecar.
+    """Write the selected rows of an in-memory pool, unchanged and in rank order, as JSONL at `path`, plus the
+    sidecar (`selection_meta_path(path)`). For a pool on disk of any size and format, `select_and_write` writes
+    the rows in the pool's own format from its source instead.
 
-    pool_rows: the original JSON rows of the whole pool (row i = dataset index i). ids default to each
-    row's "id" key. The sidecar (`selection_meta_path(path)`) records index, id, score and rank of each
-    selected row and the settings (fraction / k, seed, source files). Both files are written atomically.
+    pool_rows: the original JSON rows of the whole pool (row i = dataset index i). ids default to each row's "id"
+    key. Both files are written atomically.
     """
     idx = np.asarray(selected, dtype=np.int64).reshape(-1)
     n = len(pool_rows)
@@ -122,27 +151,9 @@ def write_selection(
     out = Path(path)
     lines = [json.dumps(pool_rows[i], ensure_ascii=False) for i in idx.tolist()]
     atomic_write_text(out, "".join(line + "\n" for line in lines))
-
-    rows = []
-    for r, i in enumerate(idx.tolist()):
-        entry: dict[str, Any] = {"rank": r, "index": i,
-                                 "id": ids[i] if ids is not None else pool_rows[i].get("id")}
-        if datasets is not None:
-            entry["dataset"] = datasets[i]
-        if scores is not None:
-            entry["score"] = float(scores[i])
-        rows.append(entry)
-    if source is None or isinstance(source, (str, os.PathLike)):
-        sources = None if source is None else [str(source)]
-    else:
-        sources = [str(s) for s in source]
-    sidecar = {
-        "jsonl": out.name, "pool_size": n, "num_selected": int(idx.size), "fraction": fraction, "k": k,
-        "seed": seed, "source": sources,
-        "threshold": float(min(float(scores[i]) for i in idx)) if scores is not None and idx.size else None,
-        "selected": rows,
-    }
-    atomic_write_text(selection_meta_path(out), json.dumps(sidecar, indent=1, ensure_ascii=False))
+    write_sidecar(out.parent, idx, n, out.name, ids=ids if ids is not None else [r.get("id") for r in pool_rows],
+                  dataset_of=(lambda i: datasets[i]) if datasets is not None else None, scores=scores,
+                  fraction=fraction, k=k, seed=seed, source=source)
     return out
 
 
@@ -152,29 +163,30 @@ def read_selection(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def select_and_write(out: str | os.PathLike, result, pool, *, source: str, fraction: float | None, k: int | None,
-                     seed: int, title: str, extra: dict | None = None, report: bool = True,
-                     jsonl_name: str = SELECTED_FILE) -> dict:
-    """Select the top of `pool` (InstructionExamples) by `result.scores`; write the selected rows (the pool's
-    own JSON) and their sidecar into folder `out`, and unless `report` is False, report.md with plots.
+                     seed: int, title: str, extra: dict | None = None, report: bool = True) -> dict:
+    """Select the top of `pool` (a `rose_pl.data.table.PoolTable`) by `result.scores`; write the selected rows in the
+    pool's own format (JSONL lines unchanged, Parquet, or a saved dataset) with their sidecar into folder `out`, and
+    unless `report` is False, report.md with plots. Only the selected rows and the report's examples are read.
     Returns a summary: how many rows, the composition by source dataset, the file."""
     from rose_pl.selection.report import composition, write_report
 
     out = Path(out)
-    ids = [e.id for e in pool]
-    datasets = [e.dataset for e in pool]
     chosen = select(result.scores, fraction=fraction, k=k, seed=seed)
     unusable = int(np.count_nonzero(np.isneginf(np.asarray(result.scores)[chosen])))
     if unusable:
         raise ConfigError(f"{title}: the budget reaches {unusable} rows without scores (dropped when their features "
                           "were computed); lower it (selection.fraction or selection.k, or the target's)")
-    path = write_selection([e.raw for e in pool], chosen, out / jsonl_name, scores=result.scores, ids=ids,
-                           datasets=datasets, fraction=fraction, k=k, seed=seed, source=source)
+    path = pool.write_rows(chosen, out, result.scores)
+    codes, names = np.asarray(pool.dataset_codes), pool.dataset_names
+    write_sidecar(out, chosen, pool.num_rows, path.name, ids=pool.ids, dataset_of=lambda i: names[codes[i]],
+                  scores=result.scores, fraction=fraction, k=k, seed=seed, source=source)
     if report:
-        write_report(out, result.scores, chosen, datasets, ids, texts=[e.text for e in pool],
-                     best_task=result.best_task, tasks=result.tasks, title=title,
-                     extra={"fraction": fraction, "k": k, "seed": seed, "pool": source, **(extra or {})})
+        write_report(out, result.scores, chosen, (codes, names), pool.ids,
+                     texts=lambda rows: next(pool.texts(rows)), best_task=result.best_task, tasks=result.tasks,
+                     title=title, extra={"fraction": fraction, "k": k, "seed": seed, "pool": source, **(extra or {})})
+    chosen_names = [names[c] for c in codes[chosen]]
     summary = {"selected": int(len(chosen)), "file": str(path),
-               "composition": {d: round(p, 1) for d, p in composition(datasets, chosen).items()}}
-    log.info("%s: selected %d of %d into %s; composition %s", title, len(chosen), len(pool), path,
+               "composition": {d: round(p, 1) for d, p in composition(chosen_names).items()}}
+    log.info("%s: selected %d of %d into %s; composition %s", title, len(chosen), pool.num_rows, path,
              summary["composition"])
     return summary
