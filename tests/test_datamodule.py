@@ -176,7 +176,7 @@ def test_skip_indices_leave_rows_out_but_keep_indices(tmp_path, tokenizer_dir):
     dm.skip_indices = {0, 5, 19}
     seen = [i for b in dm.predict_dataloader() for i in b["index"].tolist()]
     assert sorted(seen) == sorted(set(range(20)) - {0, 5, 19})
-    assert seen == dm.predict_indices
+    assert seen == dm.predict_indices.tolist()
     dm.skip_indices = {20}
     with pytest.raises(ConfigError, match="skip_indices"):
         dm.predict_dataloader()

@@ -267,6 +267,8 @@ def test_a_pool_of_long_prompts_runs_end_to_end_and_a_row_that_cannot_fit_is_cou
     run(config)
     out = tmp_path / "long"
     stages = manifest_stages(out)
+    cache = stages["cache/pool"]["figures"]
+    assert cache["truncated_rows"] == 16 and cache["truncated_tokens"] > 15 * 300 and cache["dropped"] == 1  # all cut
     assert stages["warmup"]["figures"]["rows"] == 15 and stages["warmup"]["figures"]["dropped"] == 1
     exact = stages["targets/default/exact/epoch-1"]["figures"]
     assert exact["rows"] == 15 and exact["dropped"] == 1 and exact["dropped_rows"][0]["id"] == "headers_only"

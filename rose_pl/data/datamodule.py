@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from rose_pl.config import Dataset as DataRef, dataset_spec, positive_int
+from typing import Union
+
+from rose_pl.config import dataset_spec, positive_int
 from rose_pl.data.cache import CacheSettings, TokenCache, build_cache, cache_key, tokenizer_id
 from rose_pl.data.collate import PreferenceCollator, SFTCollator
 from rose_pl.data.encoding import Encoder, PreferenceFormat, PromptTruncation, check_settings
@@ -28,6 +30,11 @@ from rose_pl.errors import ConfigError, DataFormatError
 from rose_pl.files import file_digest
 
 log = logging.getLogger(__name__)
+
+DataRef = Union[str, dict]
+"""A dataset as DataModules take it: a path or hub id, or a dict of DatasetSpec's fields (path, split, subset,
+revision, columns). Not `Union[str, DatasetSpec]`: jsonargparse then reads a path-like string as a config file of the
+dataclass, a whole pool read and parsed in every stage process for nothing."""
 
 
 class CachedRows(Dataset):
@@ -416,7 +423,7 @@ class FeatureDataModule(_TokenizerDataModule):
                 (rose_pl.features.reference); each batch then carries them, and DPOObjective runs no reference pass.
             max_tokens_per_batch: Pack predict batches by tokens instead of rows: length-sorted rows go together
                 while rows x the longest row (both sides of a pair) stays within it, and batch_size caps the rows.
-                Batches are dealt to ranks in turn. None: batch_size rows a batch.
+                None: batch_size rows a batch. Either way batches are dealt to the ranks in turn.
         """
         super().__init__()
         problems = _common_problems(batch_size=batch_size, num_workers=num_workers, on_empty=on_empty,
@@ -481,10 +488,16 @@ class FeatureDataModule(_TokenizerDataModule):
         return self.cache.ids()
 
     @property
-    def predict_indices(self) -> list[int]:
-        """Row indices `predict_dataloader` yields: all rows less dropped and skipped ones, in predict order."""
+    def predict_indices(self) -> np.ndarray:
+        """Row indices `predict_dataloader` yields (all ranks together): all rows less dropped and skipped ones, in
+        predict order."""
         self.setup()
-        return self._sampler().order.tolist()
+        return self._sampler().order
+
+    def drop_records(self) -> list[dict]:
+        """The rows dropped when the data was tokenized: index, id, where and why."""
+        self.setup()
+        return self.cache.drops()
 
     def setup(self, stage: str | None = None) -> None:
         """Open (or build) the token cache (once; a second call is free)."""
@@ -529,13 +542,12 @@ class FeatureDataModule(_TokenizerDataModule):
         collate = (PreferenceCollator if hp.kind == "preference" else SFTCollator)(self.tokenizer.pad_token_id)
         if self.reference_logps is not None:
             collate = _WithReference(collate, *self.reference_logps)
-        if hp.max_tokens_per_batch is not None:
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            batches = TokenBudgetBatches(self.cache.lengths, sampler.order, hp.max_tokens_per_batch, hp.batch_size,
-                                         world, rank, per_row=2 if hp.kind == "preference" else 1)
-            return DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=hp.num_workers)
-        return DataLoader(self.dataset, batch_size=hp.batch_size, sampler=sampler, collate_fn=collate,
-                          num_workers=hp.num_workers)
+        # Batches are made here and dealt to the ranks in turn (batch j to rank j % world): Lightning passes a
+        # sampler of batches through unchanged, and no rank lists every row index as Python objects.
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        batches = TokenBudgetBatches(self.cache.lengths, sampler.order, hp.max_tokens_per_batch, hp.batch_size,
+                                     world, rank, per_row=2 if hp.kind == "preference" else 1)
+        return DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=hp.num_workers)
 
     def fingerprint(self) -> str:
         """The token cache's key: the data's content, the tokenizer and every setting that changes the tokens."""

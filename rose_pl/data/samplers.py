@@ -131,45 +131,48 @@ class LengthSortedSampler(Sampler[int]):
 
 
 class TokenBudgetBatches(Sampler[list[int]]):
-    """Rows packed into batches by a token budget: in the given order (longest first), a batch takes rows while
-    rows x its longest row x `per_row` (2 for pairs: both sides run in one pass) stays within `max_tokens`, and at
-    most `max_rows` rows. Batch j goes to rank j % num_replicas, so every rank gets an even share of the tokens;
-    the sampler is sharded already (Lightning passes a sampler that yields lists through unchanged)."""
+    """Rows in the given order (longest first) cut into batches of at most `max_rows` rows and, with a token budget,
+    of rows x their longest row x `per_row` (2 for pairs: both sides run in one pass) within `max_tokens`. Batch j
+    goes to rank j % num_replicas, so ranks get an even share of the work; the sampler is sharded already (Lightning
+    passes a sampler that yields lists through unchanged). Held as numpy arrays: 8 bytes a row."""
 
-    def __init__(self, lengths: Sequence[int], order: Sequence[int], max_tokens: int, max_rows: int,
+    def __init__(self, lengths: Sequence[int], order: Sequence[int], max_tokens: int | None, max_rows: int,
                  num_replicas: int = 1, rank: int = 0, per_row: int = 1):
         problems = []
-        for name, value in (("max_tokens", max_tokens), ("max_rows", max_rows), ("num_replicas", num_replicas)):
+        for name, value in (("max_rows", max_rows), ("num_replicas", num_replicas)) + (
+                (("max_tokens", max_tokens),) if max_tokens is not None else ()):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name}: {value!r} is not a positive integer")
         if problems:
             raise ConfigError(problems)
-        lengths = np.asarray(lengths, dtype=np.int64)
-        batches: list[list[int]] = []
-        current: list[int] = []
-        longest = 0
-        for i in np.asarray(order, dtype=np.int64).tolist():
-            length = int(lengths[i])
-            if current and (per_row * (len(current) + 1) * max(longest, length) > max_tokens
-                            or len(current) >= max_rows):
-                batches.append(current)
-                current, longest = [], 0
-            current.append(i)
-            longest = max(longest, length)
-        if current:
-            batches.append(current)
-        while len(batches) < num_replicas and any(len(b) > 1 for b in batches):  # every rank needs a batch
-            j = max(range(len(batches)), key=lambda k: len(batches[k]))
-            batch = batches.pop(j)
-            batches[j:j] = [batch[: len(batch) // 2], batch[len(batch) // 2:]]
-        self.batches = batches[rank::num_replicas]
-        self.num_rows = sum(len(b) for b in self.batches)
+        self.order = np.asarray(order, dtype=np.int64)
+        n = len(self.order)
+        if max_tokens is None:
+            starts = list(range(0, n, max_rows))
+        else:
+            lengths = np.asarray(lengths, dtype=np.int64)[self.order].tolist()
+            starts, count, longest = [], 0, 0
+            for position, length in enumerate(lengths):
+                if count and (per_row * (count + 1) * max(longest, length) > max_tokens or count >= max_rows):
+                    count, longest = 0, 0
+                if count == 0:
+                    starts.append(position)
+                count, longest = count + 1, max(longest, length)
+        bounds = starts + [n] if n else [0]
+        while len(bounds) - 1 < num_replicas and any(b - a > 1 for a, b in zip(bounds, bounds[1:])):
+            # every rank needs a batch: halve the largest
+            j = max(range(len(bounds) - 1), key=lambda k: bounds[k + 1] - bounds[k])
+            bounds.insert(j + 1, (bounds[j] + bounds[j + 1]) // 2)
+        self.bounds = np.asarray(bounds, dtype=np.int64)
+        self.mine = np.arange(rank, len(bounds) - 1, num_replicas)
+        self.num_rows = int(sum(bounds[j + 1] - bounds[j] for j in self.mine.tolist()))
         """Rows of this rank."""
-        self.total_rows = sum(len(b) for b in batches)
+        self.total_rows = n
         """Rows of all ranks together."""
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
+        for j in self.mine.tolist():
+            yield self.order[self.bounds[j]:self.bounds[j + 1]].tolist()
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.mine)

@@ -428,16 +428,22 @@ class FeatureStoreWriter(BasePredictionWriter):
         outputs = self.outputs(trainer, pl_module)
         self.stores = [(out, self._open(trainer, num_rows, out)) for out in outputs]
         # A row counts as done only when every store has it (a crash between two stores' writes redoes it).
-        written = set.intersection(*(set(store.written_indices().tolist()) for _, store in self.stores))
+        done = np.logical_and.reduce([store.written_mask() for _, store in self.stores])
         dm = trainer.datamodule
         where = ", ".join(out.path for out in outputs)
-        if written:
-            log.info("feature store %s: %d of %d rows already written, computing the rest", where, len(written),
+        written = np.flatnonzero(done)
+        if written.size:
+            log.info("feature store %s: %d of %d rows already written, computing the rest", where, written.size,
                      num_rows)
-        dm.skip_indices = set(dm.skip_indices or ()) | written
+            dm.skip_indices = set(dm.skip_indices or ()) | set(written.tolist())
         # Rows the datamodule will never yield (dropped on request) are recorded as excluded, not awaited.
         planned = getattr(dm, "predict_indices", None)
-        self._excluded = [] if planned is None else sorted(set(range(num_rows)) - written - set(planned))
+        if planned is None:
+            self._excluded = []
+        else:
+            covered = done.copy()
+            covered[np.asarray(planned, dtype=np.int64)] = True
+            self._excluded = np.flatnonzero(~covered).tolist()
         self._reasons = _drop_reasons(dm, self._excluded)
         if self._excluded:
             log.warning("feature store %s: %d rows are dropped by the datamodule and get no features, e.g. %s",
@@ -471,6 +477,11 @@ class FeatureStoreWriter(BasePredictionWriter):
 
 def _drop_reasons(dm, excluded: list[int]) -> dict[int, dict]:
     """{row index: {"id", "reason"}} of excluded rows, from the datamodule's record of what it dropped."""
+    if not excluded:
+        return {}
+    if hasattr(dm, "drop_records"):  # by row index (a token cache's record): no list of every id is needed
+        records = {d["index"]: d for d in dm.drop_records()}
+        return {i: {"id": records[i]["id"], "reason": records[i]["reason"]} for i in excluded if i in records}
     dropped = {d.id: d.reason for d in getattr(dm, "dropped", [])}
     ids = getattr(dm, "ids", None)
     if not excluded or not dropped or ids is None:

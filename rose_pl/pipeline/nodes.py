@@ -311,12 +311,7 @@ class NodeGroup:
                     return
                 time.sleep(0.2)
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            _stop(proc)
         self.abort(failed)
         raise NodeFailedError(failed + "; rerun the same command on every node to resume")
 
@@ -355,18 +350,23 @@ class NodeGroup:
                 raise NodeFailedError(f"node 0 (the coordinator) is gone ({type(e).__name__}) during stage "
                                       f"{step['stage']}") from None
             finally:
-                if proc.poll() is None:
-                    proc.terminate()
-                    try:
-                        proc.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+                _stop(proc)
             code = proc.returncode
             ok = code == 0
             self._set(result_key, {"ok": ok, "host": socket.gethostname(),
                                    "message": "" if ok else f"`rose-pl {' '.join(step['args'])}` exited with code "
                                                             f"{code} (its log: {log_file or 'this node'})"})
             self._step += 1
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a stage process that is still running (it may hang in a collective whose peer is gone)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _launch(args: list[str], master: tuple[str, int], node_rank: int, log_file: str | None) -> subprocess.Popen:

@@ -36,7 +36,8 @@ def collect(args: RunArgs, done: dict[str, str]) -> dict:
         timed_groups.add(group)
         stages.append({"stage": name, "status": status, "seconds": None if shared else entry.get("seconds"),
                        "shared_pass": shared, "rows": figures.get("rows"), "dropped": figures.get("dropped"),
-                       "drop_reasons": reasons})
+                       "truncated_rows": figures.get("truncated_rows"),
+                       "truncated_tokens": figures.get("truncated_tokens"), "drop_reasons": reasons})
     selections = []
     for name in done:
         parts = name.split("/")
@@ -57,13 +58,14 @@ def render(summary: dict, rerun: str) -> str:
     lines = [f"Run {summary['output_dir']}: {sum(r['status'] == 'ran' for r in rows)} stages ran "
              f"({_duration(summary['wall_seconds'])}), {sum(r['status'] == 'skipped' for r in rows)} were done already; "
              f"gradient scoring: {summary['scoring']}", "",
-             f"  {'stage':<{width}}  {'status':<7}  {'wall':>7}  {'rows':>7}  {'dropped':>7}"]
+             f"  {'stage':<{width}}  {'status':<7}  {'wall':>7}  {'rows':>7}  {'dropped':>7}  {'truncated':>20}"]
     for r in rows:
         dropped = "" if r["dropped"] in (None, 0) else str(r["dropped"])
         reasons = f"  ({'; '.join(r['drop_reasons'])[:80]})" if r["drop_reasons"] else ""
         wall = "shared" if r.get("shared_pass") else _duration(r["seconds"])
+        cut = "" if not r.get("truncated_rows") else f"{r['truncated_rows']} rows, {r['truncated_tokens']} tok"
         lines.append(f"  {r['stage']:<{width}}  {r['status']:<7}  {wall:>7}  "
-                     f"{'' if r['rows'] is None else r['rows']:>7}  {dropped:>7}{reasons}")
+                     f"{'' if r['rows'] is None else r['rows']:>7}  {dropped:>7}  {cut:>20}{reasons}")
     if summary["selections"]:
         lines += ["", "Selections (the pool's own rows, best first) and their reports:"]
         for s in summary["selections"]:
