@@ -195,3 +195,29 @@ def test_sft_objective_returns_identity_rows():
         expected = sft_loss_per_sample(model, _sft_batch())
     assert result.row_to_sample is None and result.num_samples == 4
     torch.testing.assert_close(result.losses, expected)
+
+
+def test_right_padded_batches_run_without_a_mask_and_lose_nothing(tiny_model):
+    """The causal fast path (no attention mask) for right padding: the same per-sample losses and gradients."""
+    from rose_pl.testing import random_sft_batch
+    from rose_pl.training.losses import right_padding_only, sft_loss_per_sample
+
+    batch = random_sft_batch([12, 9, 5, 3], [2, 2, 1, 1], seed=3)
+    assert right_padding_only(batch["attention_mask"]) is None
+    left = batch["attention_mask"].flip(1)
+    assert right_padding_only(left) is left  # left padding keeps its mask
+    for name, p in tiny_model.named_parameters():
+        p.requires_grad_(name.endswith("q_proj.weight"))
+    params = [p for p in tiny_model.parameters() if p.requires_grad]
+    fast = sft_loss_per_sample(tiny_model, batch)
+    # The reference runs the model with the padding mask (HF's masked attention path).
+    logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    from rose_pl.training.losses import token_logprobs
+
+    logps, mask = token_logprobs(logits, batch["labels"])
+    reference = -logps.sum(-1) / mask.sum(-1)
+    torch.testing.assert_close(fast, reference, atol=1e-6, rtol=1e-5)
+    grads = torch.autograd.grad(fast.sum(), params)
+    expected = torch.autograd.grad(reference.sum(), params)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)

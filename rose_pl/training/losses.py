@@ -28,8 +28,22 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return out.masked_scatter(mask, picked), mask
 
 
+def right_padding_only(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None when every row is its tokens then padding (right padding), else the mask as given.
+
+    A causal LM's real positions attend only to earlier positions, all real under right padding: without a mask
+    their logits are the same, the padded positions (outside every loss) see real tokens instead of nothing and
+    get no gradient, and the attention kernel takes its causal fast path (SDPA: fwd+bwd 18% faster on CPU at 100-200
+    tokens a row, identical losses; benchmarks/peers)."""
+    if attention_mask is None:
+        return None
+    lengths = attention_mask.sum(1, keepdim=True)
+    right = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None, :] < lengths
+    return None if torch.equal(attention_mask.bool(), right) else attention_mask
+
+
 def _logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return model(input_ids=input_ids, attention_mask=right_padding_only(attention_mask), use_cache=False).logits
 
 
 def sequence_logprobs(
