@@ -115,6 +115,8 @@ def test_two_nodes_equal_one_process(one_process, tiny_model_dir):
     assert all(s["status"] == "complete" for s in stages.values())
     # Node 1 wrote no bookkeeping: only node 0 holds the lock and writes records.
     assert "node 1: stage warmup" in err1 and "run complete" not in err1
+    # Two nodes, two targets, every stage's ranks read the pool: it was tokenized once.
+    assert len((root / "two" / "cache" / "pool" / "builds.jsonl").read_text().splitlines()) == 1
 
 
 @pytest.mark.slow

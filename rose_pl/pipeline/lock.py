@@ -85,6 +85,15 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
+    def discard(self) -> None:
+        """Release the lock and remove the lock file, and the run folder too if nothing else is in it."""
+        self.file.unlink(missing_ok=True)
+        self.release()
+        try:
+            self.file.parent.rmdir()
+        except OSError:  # not empty: something else lives there
+            pass
+
     def __enter__(self) -> "RunLock":
         return self.acquire()
 

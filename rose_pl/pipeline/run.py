@@ -19,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 
 from rose_pl.config import FitArgs, PreferenceArgs, RunArgs, SelectionArgs, TargetArgs, dataset_spec
-from rose_pl.errors import ConfigError
+from rose_pl.errors import ConfigError, RoseError
 from rose_pl.layout import BASE, RunLayout
 from rose_pl.selection.select import SELECTION_META_FILE
 from rose_pl.pipeline.lightning import run_lightning
@@ -508,7 +508,7 @@ class Pipeline:
     def compare(self) -> None:
         from rose_pl.pipeline.compare import write_comparison
 
-        write_comparison(self.a, list(self.methods), self.scoring)
+        write_comparison(self.a, list(self.methods), self.scoring if self.gradient_methods() else "none")
 
     def run(self) -> dict[str, str]:
         """Run (or resume) the stages; the caller holds the run's lock."""
@@ -516,7 +516,7 @@ class Pipeline:
 
         def record(manifest: RunManifest, plan) -> None:
             # Only once the plan is accepted: a refused change must not change what run.json says.
-            manifest.data["scoring"] = self.scoring
+            manifest.data["scoring"] = self.scoring if self.gradient_methods() else None
             manifest.data["targets"] = {n: asdict(t) for n, t in self.targets.items()}
 
         return run_stages(self.layout.root, self.stages(), on_change=self.a.on_change, before=record,
@@ -639,11 +639,17 @@ def _run_here(args: RunArgs, nodes=None) -> dict[str, str]:
     from rose_pl.pipeline.lock import RunLock
     from rose_pl.pipeline.summary import save_summary
 
+    new_folder = not Path(args.output_dir).exists()
     check_output_dir(args.output_dir, args.output_dir_exists)  # before the lock file is created in it
-    with RunLock(args.output_dir):
+    with RunLock(args.output_dir) as lock:
         if nodes is not None:
             nodes.check_shared_storage(args.output_dir)
-        check_run_inputs(args)
+        try:
+            check_run_inputs(args)
+        except RoseError:
+            if new_folder:  # refused before any stage: leave no folder behind that holds only the lock file
+                lock.discard()
+            raise
         pipeline = Pipeline(args, nodes=nodes)
         done = pipeline.run()
         save_summary(args, done)

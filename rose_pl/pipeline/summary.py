@@ -57,7 +57,7 @@ def render(summary: dict, rerun: str) -> str:
     width = max([len(r["stage"]) for r in rows] + [5])
     lines = [f"Run {summary['output_dir']}: {sum(r['status'] == 'ran' for r in rows)} stages ran "
              f"({_duration(summary['wall_seconds'])}), {sum(r['status'] == 'skipped' for r in rows)} were done already; "
-             f"gradient scoring: {summary['scoring']}", "",
+             f"gradient scoring: {summary['scoring'] or 'none (no gradient method)'}", "",
              f"  {'stage':<{width}}  {'status':<7}  {'wall':>7}  {'rows':>7}  {'dropped':>7}  {'truncated':>20}"]
     for r in rows:
         dropped = "" if r["dropped"] in (None, 0) else str(r["dropped"])
