@@ -11,6 +11,19 @@ if "ROSE_PL_TOKEN_CACHE" not in os.environ:  # token caches of DataModules used 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_launcher_variables():
+    """A test that leaves a process-group variable behind fails itself: every later DDP run started from pytest
+    would inherit it and wait for a master that is not there."""
+    before = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    yield
+    after = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    assert after == before, f"the test changed launcher variables: {before} -> {after}"
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from rose_pl.testing import byte_tokenizer

@@ -241,6 +241,9 @@ def test_the_cluster_is_read_as_lightning_reads_it_and_one_process_per_node_is_r
         monkeypatch.setenv(key, value)
     cluster = detect_cluster(2)
     assert (cluster.node_rank, cluster.num_nodes, cluster.address, cluster.port) == expected
+    # Reading the cluster changes nothing that later processes started from here inherit.
+    assert {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")} == {k: env.get(k) for k in
+                                                                             ("MASTER_ADDR", "MASTER_PORT")}
     assert cluster.agent_store == (launcher == "torchrun")
     clean = stage_env(("node0", 1234), 1)
     assert not any(k.startswith(("SLURM_", "TORCHELASTIC_")) or k in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")

@@ -91,8 +91,8 @@ def detect_cluster(num_nodes: int) -> Cluster | None:
             if tasks != nodes:
                 raise ConfigError(f"srun started {tasks} tasks on {nodes} nodes; start one `rose-pl run` per node "
                                   "(srun --ntasks-per-node=1): it launches the node's device ranks itself")
-            slurm = SLURMEnvironment()
-            cluster = Cluster(int(env["SLURM_PROCID"]), tasks, slurm.main_address, slurm.main_port, "srun")
+            address, port = _slurm_address()
+            cluster = Cluster(int(env["SLURM_PROCID"]), tasks, address, port, "srun")
         else:
             missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in env]
             if "NODE_RANK" not in env and "GROUP_RANK" not in env:
@@ -110,6 +110,24 @@ def detect_cluster(num_nodes: int) -> Cluster | None:
     if not 0 <= cluster.node_rank < num_nodes:
         raise ConfigError(f"node rank {cluster.node_rank} is not in [0, {num_nodes})")
     return cluster
+
+
+def _slurm_address() -> tuple[str, int]:
+    """The coordination address Lightning's SLURMEnvironment derives from the job (root node, port from the job id),
+    read without its side effect: its getters write MASTER_ADDR and MASTER_PORT into this process's environment,
+    which every later process started from here (a stage, a test's DDP run) would then inherit."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    try:
+        slurm = SLURMEnvironment()
+        return slurm.main_address, slurm.main_port
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def free_port(address: str = "") -> int:
