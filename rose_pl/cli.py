@@ -68,11 +68,25 @@ def dispatch(command: str, args: list[str]):
     from rose_pl.pipeline.lightning import LIGHTNING_COMMANDS, lightning_cli
 
     if command in LIGHTNING_COMMANDS:
-        return lightning_cli([command, *args])
+        result = lightning_cli([command, *args])
+        close_process_group()
+        return result
     extra = _extra_commands()
     from jsonargparse import auto_cli
 
     return auto_cli(extra[command], args=args, as_positional=False, parser_class=_prog_parser(command))
+
+
+def close_process_group() -> None:
+    """Destroy the process group a finished Lightning command ran in, while the interpreter is whole.
+
+    Lightning registers this at exit for NCCL only. A gloo group (CPU ranks, CPU nodes) left to interpreter shutdown
+    can abort the process (SIGABRT, "terminate called without an active exception") after all its work is done,
+    at random, and the stage counts as failed. Called on success only: after a failure a peer may be gone and
+    the group's teardown could wait for it."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _prog_parser(command: str):

@@ -160,3 +160,23 @@ def test_a_short_run_logs_each_line_once_without_tips_with_progress_and_a_summar
     summary = __import__("json").loads((tmp_path / "logged" / "run.json").read_text())["summary"]
     assert any(s["file"] == str(selected) for s in summary["selections"])
     assert {s["stage"] for s in summary["stages"]} >= {"warmup", "targets/default/selection/rose"}
+
+
+def test_a_finished_lightning_command_destroys_its_process_group(monkeypatch, tmp_path):
+    # A gloo group left to interpreter shutdown can abort a stage that finished its work (SIGABRT).
+    import torch.distributed as dist
+
+    from rose_pl import cli
+    from rose_pl.pipeline import lightning
+
+    def fake_cli(args):
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+        return "done"
+
+    monkeypatch.setattr(lightning, "lightning_cli", fake_cli)
+    try:
+        assert cli.dispatch("predict", []) == "done"
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():  # the next tests run in this process
+            dist.destroy_process_group()
