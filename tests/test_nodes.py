@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -259,3 +260,36 @@ def test_the_cluster_is_read_as_lightning_reads_it_and_one_process_per_node_is_r
         with pytest.raises(ConfigError, match="missing here: NODE_RANK"):
             detect_cluster(2)
     assert detect_cluster(1) is None
+
+
+def test_a_stage_process_dies_with_the_run_that_started_it(tmp_path):
+    # A stage left running after its `run` was killed (OOM, SIGKILL) would write beside the rerun that takes the lock.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("parent-death signal is Linux only")
+    parent = tmp_path / "parent.py"
+    parent.write_text(textwrap.dedent("""
+        import subprocess, sys, time
+        from rose_pl.pipeline.nodes import stage_env
+        code = "from rose_pl.pipeline.nodes import die_with_parent; die_with_parent(); import time; time.sleep(120)"
+        child = subprocess.Popen([sys.executable, "-c", code], env=stage_env())
+        print(child.pid, flush=True)
+        time.sleep(120)
+    """))
+    proc = subprocess.Popen([sys.executable, str(parent)], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    time.sleep(3)  # the child has set its parent-death signal
+    assert _alive(child)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state and "\nState:\tX" not in state

@@ -119,4 +119,25 @@ def run_lightning(command: str, config: dict, config_file: Path, *, subprocess_r
             raise StageFailedError(f"`rose-pl {' '.join(args)}` exited with code {result.returncode} (its output "
                                    "above says why); rerun the same command to resume")
     else:
-        lightning_cli(args)
+        try:
+            lightning_cli(args)
+        finally:
+            release_memory()
+
+
+def release_memory() -> None:
+    """Give the memory of a stage that ran in this process back to the system before the next one.
+
+    Freed tensors stay in the C allocator's arenas: on glibc a `run` on SmolLM2-135M (LoRA r 128) held 3.3 GB after
+    one validation-means stage and 10 GB after a dozen, while its two-rank pool pass needed the memory, and the OOM
+    killer took it. Trimming after each stage brings it back to about 1.3 GB."""
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass

@@ -42,6 +42,8 @@ LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_
                  "ROLE_NAME", "ROLE_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
 LAUNCHER_PREFIXES = ("SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_")
 SHARED_CHECK = ".shared-storage-check"
+STAGE_PARENT_ENV = "ROSE_PL_STAGE_PARENT"
+"""Set in a stage subprocess's environment to the pid of the `run` process that started it."""
 
 
 class NodeFailedError(RoseError):
@@ -55,7 +57,32 @@ def stage_env(master: tuple[str, int] | None = None, node_rank: int = 0) -> dict
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)}
     if master is not None:
         env.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), NODE_RANK=str(node_rank))
+    env[STAGE_PARENT_ENV] = str(os.getpid())
     return env
+
+
+def die_with_parent() -> None:
+    """In a stage subprocess (Linux): be killed when the process that started it dies, even by SIGKILL or the OOM
+    killer. Else the stage would go on writing into a run folder whose lock died with `run`, beside the rerun that
+    then takes the lock. A killed stage resumes from its written rows like any other. Ranks that Lightning starts
+    from the stage inherit this and die with the stage's first rank."""
+    parent = os.environ.get(STAGE_PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    # The run may have died before prctl: the first rank's parent is then no longer `run` (Lightning's own ranks,
+    # started by the first rank, carry LOCAL_RANK and another parent).
+    if "LOCAL_RANK" not in os.environ and os.getppid() != int(parent):
+        raise SystemExit(f"rose-pl: the run process {parent} that started this stage is gone")
 
 
 @dataclass(frozen=True)
