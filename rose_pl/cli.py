@@ -119,10 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     if ns.debug:
         os.environ[DEBUG_ENV] = "1"
     configure_logging(level)
-    if os.environ.get("ROSE_PL_STAGE_PARENT"):
-        from rose_pl.pipeline.nodes import die_with_parent
+    from rose_pl.pipeline.nodes import die_with_parent
 
-        die_with_parent()
+    die_with_parent()  # a no-op unless `run` started this process as a stage
     try:
         dispatch(ns.command, ns.args)
     except RoseError as error:

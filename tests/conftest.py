@@ -11,13 +11,12 @@ if "ROSE_PL_TOKEN_CACHE" not in os.environ:  # token caches of DataModules used 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RANK", "LOCAL_RANK", "WORLD_SIZE")
-
-
 @pytest.fixture(autouse=True)
 def no_leaked_launcher_variables():
     """A test that leaves a process-group variable behind fails itself: every later DDP run started from pytest
     would inherit it and wait for a master that is not there."""
+    from rose_pl.pipeline.nodes import LAUNCHER_VARS
+
     before = {k: os.environ.get(k) for k in LAUNCHER_VARS}
     yield
     after = {k: os.environ.get(k) for k in LAUNCHER_VARS}
