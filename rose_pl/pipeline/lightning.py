@@ -129,7 +129,7 @@ def release_memory() -> None:
     """Give the memory of a stage that ran in this process back to the system before the next one.
 
     Freed tensors stay in the C allocator's arenas: on glibc a `run` on SmolLM2-135M (LoRA r 128) held 3.3 GB after
-    one validation-means stage and 10 GB after a dozen, while its two-rank pool pass needed the memory, and the OOM
+    one validation-means stage and 9.7 GB after a dozen, while its two-rank pool pass needed the memory, and the OOM
     killer took it. Trimming after each stage brings it back to about 1.3 GB."""
     import gc
 
